@@ -1,0 +1,12 @@
+"""MiniMax-M3 on Apple Silicon with MLX."""
+
+from .cache import SparseKVCache
+from .checkpoint import CheckpointError, get_model_classes, load, load_model
+from .config import ConfigError, ModelArgs
+from .model import Model
+
+__all__ = [
+    "Model", "ModelArgs", "SparseKVCache", "load", "load_model", "get_model_classes",
+    "CheckpointError", "ConfigError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""GQA attention with per-head Gemma QK norm and partial RoPE; MSA on the sparse layers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import msa
+from .cache import SparseKVCache
+from .config import ModelArgs
+from .layers import GemmaRMSNorm, partial_rope
+
+
+class Indexer(nn.Module):
+    """The index branch: one shared index key per token, `index_n_heads` index queries."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.index_n_heads
+        self.head_dim = args.index_head_dim
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.head_dim, bias=False)
+        self.q_norm = GemmaRMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        # The reference cuts the main branch's cos/sin to the index head width.
+        self.rope = partial_rope(args, min(args.rotary_dim, self.head_dim))
+
+    def __call__(self, x: mx.array, offset: int):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, 1, self.head_dim)).transpose(0, 2, 1, 3)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        h, d = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = GemmaRMSNorm(d, eps=args.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(d, eps=args.rms_norm_eps)
+        self.rope = partial_rope(args, args.rotary_dim)
+
+        self.is_sparse = args.is_sparse_attention(layer_idx)
+        if self.is_sparse:
+            self.indexer = Indexer(args)
+            self.block_size = args.index_block_size
+            self.topk = args.index_topk_blocks
+            self.local_blocks = args.index_local_blocks
+
+    def __call__(self, x: mx.array, cache: Optional[object] = None) -> mx.array:
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+
+        if self.is_sparse:
+            out = self._sparse(x, q, k, v, cache, offset)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = msa.dense_attention(q, k, v, self.scale)
+        return self.o_proj(out.reshape(B, L, -1))
+
+    def _sparse(self, x, q, k, v, cache, offset):
+        if cache is None:  # a plain forward still needs block-aligned storage
+            cache = SparseKVCache(self.block_size)
+        idx_q, idx_k = self.indexer(x, offset)
+        index_keys = cache.update_index(idx_k)
+        keys, values = cache.update_and_fetch(k, v)
+        n_keys = cache.offset
+        n_blocks = msa.n_blocks_for(n_keys, self.block_size)
+        if n_blocks <= self.topk:
+            # Every block is kept: the selection is the causal mask, and dense is exact.
+            return msa.dense_attention(q, keys, values, self.scale)
+        scores = msa.index_block_scores(idx_q, index_keys, offset, self.block_size)
+        idx, valid = msa.select_blocks(scores, offset, self.block_size, self.topk, self.local_blocks)
+        _, kv_map, ix_map = msa.group_maps(self.n_heads, self.n_kv_heads, idx_q.shape[1])
+        k_blocks, v_blocks = cache.blocked(n_blocks)
+        return msa.sparse_attention(q, k_blocks, v_blocks, idx, valid, offset, self.scale, ix_map, kv_map)
