@@ -56,6 +56,11 @@ class Attention(nn.Module):
             self.block_size = args.index_block_size
             self.topk = args.index_topk_blocks
             self.local_blocks = args.index_local_blocks
+            self.index_dtype = "float32" if args.index_cache_dtype == "float32" else None
+            # "gather": attend over the selected blocks only; "masked": dense attention
+            # under the equivalent [B, Hq, L, S] mask (the reference's way; for tests and
+            # measurements only: it is what the gather path exists to avoid).
+            self.sparse_impl = "gather"
 
     def __call__(self, x: mx.array, cache: Optional[object] = None) -> mx.array:
         B, L, _ = x.shape
@@ -76,17 +81,31 @@ class Attention(nn.Module):
 
     def _sparse(self, x, q, k, v, cache, offset):
         if cache is None:  # a plain forward still needs block-aligned storage
-            cache = SparseKVCache(self.block_size)
+            cache = SparseKVCache(self.block_size, self.index_dtype)
         idx_q, idx_k = self.indexer(x, offset)
+        L = q.shape[2]
+        n_keys = offset + L
+        n_blocks = msa.n_blocks_for(n_keys, self.block_size)
+        n_groups, kv_map, ix_map = msa.group_maps(self.n_heads, self.n_kv_heads, idx_q.shape[1])
+        if (L == 1 and n_blocks > self.topk and self.sparse_impl == "gather" and self.local_blocks >= 1
+                and n_groups == self.n_kv_heads == idx_q.shape[1] and cache.keys is not None):
+            return self._decode(q, k, v, idx_q, idx_k, cache, offset)
         index_keys = cache.update_index(idx_k)
         keys, values = cache.update_and_fetch(k, v)
-        n_keys = cache.offset
-        n_blocks = msa.n_blocks_for(n_keys, self.block_size)
         if n_blocks <= self.topk:
             # Every block is kept: the selection is the causal mask, and dense is exact.
             return msa.dense_attention(q, keys, values, self.scale)
         scores = msa.index_block_scores(idx_q, index_keys, offset, self.block_size)
         idx, valid = msa.select_blocks(scores, offset, self.block_size, self.topk, self.local_blocks)
-        _, kv_map, ix_map = msa.group_maps(self.n_heads, self.n_kv_heads, idx_q.shape[1])
-        k_blocks, v_blocks = cache.blocked(n_blocks)
-        return msa.sparse_attention(q, k_blocks, v_blocks, idx, valid, offset, self.scale, ix_map, kv_map)
+        if self.sparse_impl == "masked":
+            mask = msa.block_mask(idx, valid, offset, n_keys, self.block_size, self.n_heads)
+            return msa.dense_attention(q, keys, values, self.scale, mask=mask)
+        return msa.sparse_attention(q, cache.keys, cache.values, idx, valid, offset, self.scale,
+                                    self.block_size, ix_map, kv_map)
+
+    def _decode(self, q, k, v, idx_q, idx_k, cache, offset):
+        """One token: in-place cache writes, then the compiled step (see msa._decode_step)."""
+        cache.update_index(idx_k)
+        cache.update_and_fetch(k, v)
+        step = msa.compiled_decode_step(self.scale, self.block_size, self.topk, self.local_blocks)
+        return step(q, idx_q, cache.keys, cache.values, cache.index_keys, mx.array(offset, dtype=mx.int32))

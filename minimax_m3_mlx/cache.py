@@ -3,11 +3,13 @@
 SparseKVCache keeps the main branch's keys/values and the index branch's keys in one
 object with one offset, so trimming, saving and loading can never let them drift apart
 (mlx-lm's port keeps them in a CacheList of two KVCaches). Its buffers are allocated in
-whole blocks so that the sparse main branch can view the keys as
-[B, H, n_blocks, block_size, D] and gather selected blocks without a copy of the cache.
+whole blocks so that the sparse main branch can address the keys as rows of whole blocks
+and gather the selected ones without first copying any part of the cache.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
@@ -15,12 +17,14 @@ from mlx_lm.models.cache import KVCache
 
 
 class SparseKVCache(KVCache):
-    def __init__(self, block_size: int = 128, index_dtype=None):
+    def __init__(self, block_size: int = 128, index_dtype: Optional[str] = None):
         super().__init__()
         self.block_size = block_size
         # Allocation granularity: whole blocks, at least mlx-lm's 256 tokens.
         self.step = block_size * max(1, -(-256 // block_size))
         self.index_keys = None
+        # A name ("float32"), not an mx.Dtype: mlx-lm's server deep-copies caches, and
+        # an mx.Dtype cannot be copied. None keeps the model's dtype.
         self.index_dtype = index_dtype
 
     # -- writes ----------------------------------------------------------------------
@@ -56,27 +60,18 @@ class SparseKVCache(KVCache):
         slots past each query's position, which covers the unwritten tail.
         """
         if self.index_dtype is not None:
-            index_keys = index_keys.astype(self.index_dtype)
+            index_keys = index_keys.astype(getattr(mx, self.index_dtype))
         prev, needed = self.offset, self.offset + index_keys.shape[2]
         self.index_keys = self._grow(self.index_keys, needed, index_keys)
         self.index_keys[..., prev:needed, :] = index_keys
         return self.index_keys
 
-    def blocked(self, n_blocks: int):
-        """Keys and values as [B, H, n_blocks, block_size, D] views over the buffers."""
-        n = n_blocks * self.block_size
-        B, H, _, Dk = self.keys.shape
-        Dv = self.values.shape[-1]
-        return (
-            self.keys[..., :n, :].reshape(B, H, n_blocks, self.block_size, Dk),
-            self.values[..., :n, :].reshape(B, H, n_blocks, self.block_size, Dv),
-        )
-
     # -- state (save/load/trim) --------------------------------------------------------
     @property
     def state(self):
+        index_dtype = self.index_dtype or ""
         if self.keys is None:
-            return None, None, None, 0, self.block_size
+            return None, None, None, 0, self.block_size, index_dtype
         n = self.offset
         return (
             self.keys[..., :n, :],
@@ -84,12 +79,14 @@ class SparseKVCache(KVCache):
             self.index_keys[..., :n, :] if self.index_keys is not None else None,
             n,
             self.block_size,
+            index_dtype,
         )
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.index_keys, self.offset, self.block_size = v
+        self.keys, self.values, self.index_keys, self.offset, self.block_size, index_dtype = v
         self.offset, self.block_size = int(self.offset), int(self.block_size)
+        self.index_dtype = index_dtype or None
         self.step = self.block_size * max(1, -(-256 // self.block_size))
         if self.keys is not None:
             # Loaded arrays are exactly `offset` long; re-pad to whole blocks.
@@ -108,9 +105,14 @@ class SparseKVCache(KVCache):
     @classmethod
     def from_state(cls, state):
         obj = cls.__new__(cls)
-        obj.index_dtype = None
         obj.state = state
         return obj
+
+    @classmethod
+    def merge(cls, caches):
+        # mlx-lm's batch cache would keep K/V and drop the index keys.
+        raise ValueError("batched generation over several prompt caches is not supported for "
+                         "MiniMax-M3's sparse attention layers yet")
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         # mlx-lm's QuantizedKVCache would drop the index keys; refuse loudly instead of

@@ -64,11 +64,17 @@ class ModelArgs:
     index_topk_blocks: int = 16
     index_local_blocks: int = 1
     tie_word_embeddings: bool = False
+    # Runtime: dtype of the cached index keys. "float32" scores exactly as the reference
+    # (float32 products of the model-dtype keys) at 2x the index cache of "model", which
+    # keeps them in the model dtype and scores in it (bf16 score rounding may swap
+    # near-tied blocks). See BENCHMARKS.md for what each costs.
+    index_cache_dtype: str = "float32"
     # checkpoint-level
     dtype: str = "bfloat16"
     quantization: Optional[Dict[str, Any]] = None  # MLX's own (converted models)
     quantization_config: Optional[Dict[str, Any]] = None  # the source's (fp8, mxfp8)
     vision_config: Optional[Dict[str, Any]] = None
+    projector_hidden_size: Optional[int] = None  # top level; None: the reference's default (6144)
     image_token_index: int = 200025
     video_token_index: int = 200026
     bos_token_id: Optional[int] = 200034
@@ -181,6 +187,8 @@ class ModelArgs:
              f"{self.num_experts_per_tok} > num_local_experts={self.num_local_experts}")
         need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
              f"must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        need(self.index_cache_dtype in ("float32", "model"), "index_cache_dtype",
+             f"must be 'float32' or 'model', got {self.index_cache_dtype!r}")
         if self.has_sparse_attention:
             need(self.index_block_size >= 1, "index_block_size", f"must be >= 1, got {self.index_block_size}")
             need(self.index_topk_blocks >= 1, "index_topk_blocks", f"must be >= 1, got {self.index_topk_blocks}")

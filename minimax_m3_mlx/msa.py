@@ -17,14 +17,19 @@ so no [H_idx, L, S] float32 tensor exists beyond one bounded tile.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 
 # Upper bounds on the transient tensors, in elements / bytes. A 2048-token chunk at
-# the real dims then scores 8192 keys per tile (256 MiB of float32 scores) and gathers
-# 64 queries' blocks at a time (256 MiB of bf16 K+V).
-INDEX_TILE_ELEMENTS = 1 << 26
-GATHER_TILE_BYTES = 1 << 28
+# the real dims then scores 16384 keys per tile (512 MiB of float32 scores) and gathers
+# 128 queries' blocks at a time (512 MiB of bf16 K+V). Measured on an H200 (128K
+# context, 2048-token chunk): gather tiles of 128 / 512 / 1024 MiB took 37.7 / 26.5 /
+# 26.6 ms with 0.99 / 1.23 / 1.69 GB of transient memory.
+INDEX_TILE_ELEMENTS = 1 << 27
+GATHER_TILE_BYTES = 1 << 29
+GATHER_WORD_2 = mx.uint64  # how cache elements are moved by gathers (see _word)
+GATHER_WORD_4 = mx.uint64
 
 
 def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_size: int) -> mx.array:
@@ -33,23 +38,29 @@ def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_siz
     q: [B, H, L, D] index queries for positions offset .. offset+L-1.
     index_keys: [B, 1, C, D] with C >= ceil((offset+L)/block_size)*block_size; slots at or
       past offset+L may hold anything (they are future to every query and masked).
+    Float32 keys give the reference's float32 scores exactly; keys in a narrower dtype
+    are scored in that dtype (the approximate, half-bandwidth mode).
     Returns float32 [B, H, L, n_blocks].
     """
     B, H, L, D = q.shape
-    n_keys = offset + L
-    n_blocks = -(-n_keys // block_size)
-    qf = q.astype(mx.float32)
-    q_pos = mx.arange(offset, offset + L)[:, None]
+    n_blocks = -(-(offset + L) // block_size)
+    q = q.astype(index_keys.dtype)
+    # Blocks wholly at or before the first query need no causal mask: at decode that is
+    # all but the last block, so the mask costs one block, not the whole context.
+    unmasked = min(n_blocks, (offset + 1) // block_size)
     tile_blocks = max(1, INDEX_TILE_ELEMENTS // (B * H * L * block_size))
+    q_pos = mx.arange(offset, offset + L)[:, None]
     pooled = []
-    for b0 in range(0, n_blocks, tile_blocks):
-        b1 = min(n_blocks, b0 + tile_blocks)
-        k0, k1 = b0 * block_size, b1 * block_size
-        k = index_keys[:, :, k0:k1, :].astype(mx.float32)
-        s = qf @ k.swapaxes(-1, -2)  # [B, H, L, T]
-        if k1 - 1 > offset:  # some key in this tile is after some query
-            s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
-        pooled.append(s.reshape(B, H, L, b1 - b0, block_size).max(axis=-1))
+    for lo, hi, masked in ((0, unmasked, False), (unmasked, n_blocks, True)):
+        for b0 in range(lo, hi, tile_blocks):
+            b1 = min(hi, b0 + tile_blocks)
+            k0, k1 = b0 * block_size, b1 * block_size
+            s = q @ index_keys[:, :, k0:k1, :].swapaxes(-1, -2)  # [B, H, L, T]
+            if masked:
+                s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
+            pooled.append(s.reshape(B, H, L, b1 - b0, block_size).max(axis=-1).astype(mx.float32))
+            if L > 1 and n_blocks > tile_blocks:
+                mx.eval(pooled[-1])  # bound the live score tiles to one (see sparse_attention)
     return pooled[0] if len(pooled) == 1 else mx.concatenate(pooled, axis=-1)
 
 
@@ -80,65 +91,135 @@ def group_maps(n_heads: int, n_kv_heads: int, n_index_heads: int):
     return g, kv, ix
 
 
-def sparse_attention(
-    q: mx.array,
-    k_blocks: mx.array,
-    v_blocks: mx.array,
-    idx: mx.array,
-    valid: mx.array,
-    offset: int,
-    scale: float,
-    index_head_of_group=None,
-    kv_head_of_group=None,
-) -> mx.array:
-    """Attention of each query over its selected blocks only.
+def _word(dtype):
+    """The unsigned type a gather moves elements as: MLX's gather is element-wise, so
+    moving bf16 cache rows as uint64 words moves 4 values per element (measured on an
+    H200, MLX 0.32.4 CUDA: rows of bf16 290 GB/s, as uint32 575 GB/s; a 2048-token
+    prefill chunk at 128K took 40.8 ms with uint32 words and 34.6 ms with uint64)."""
+    return {2: GATHER_WORD_2, 4: GATHER_WORD_4}.get(dtype.size)
 
-    q: [B, Hq, L, D]; k_blocks/v_blocks: [B, Hkv, n_blocks, bs, D] (views of the cache);
+
+def gather_blocks(buf: mx.array, block_ids: mx.array, block_size: int) -> mx.array:
+    """Rows of whole blocks from a [B, H, C, D] cache buffer (C a multiple of block_size).
+
+    block_ids index the flattened (b, h, block) axis; returns [*block_ids.shape, bs, D].
+    The buffer is viewed, not copied: its full capacity is addressed, so no slice of it
+    has to be made contiguous first.
+    """
+    B, H, C, D = buf.shape
+    rows = buf.reshape(B * H * (C // block_size), block_size * D)
+    word = _word(buf.dtype)
+    if word is not None:
+        rows = rows.view(word)
+    out = mx.take(rows, block_ids.reshape(-1), axis=0)
+    if word is not None:
+        out = out.view(buf.dtype)
+    return out.reshape(*block_ids.shape, block_size, D)
+
+
+def flat_block_ids(blk: mx.array, kv_head_of_group, n_kv_heads: int, blocks_per_row: int) -> mx.array:
+    """[B, G, ...] block numbers -> ids into gather_blocks' flattened (b, kv head, block) axis."""
+    B, G = blk.shape[:2]
+    head = mx.array(kv_head_of_group, dtype=mx.int32).reshape(1, G, *([1] * (blk.ndim - 2)))
+    batch = mx.arange(B, dtype=mx.int32).reshape(B, 1, *([1] * (blk.ndim - 2)))
+    return (batch * n_kv_heads + head) * blocks_per_row + blk
+
+
+def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_size,
+                     index_head_of_group, kv_head_of_group):
+    """Attention of each query over its selected blocks only (any L, any selection).
+
+    q: [B, Hq, L, D]; keys_buf/values_buf: the cache's [B, Hkv, C, D] buffers;
     idx/valid: [B, H_idx, L, k]. Returns [B, L, Hq, Dv] (ready for o_proj).
     """
     B, Hq, L, D = q.shape
-    bs, Dv = k_blocks.shape[3], v_blocks.shape[-1]
-    if index_head_of_group is None:
-        index_head_of_group = list(range(idx.shape[1]))
-        kv_head_of_group = list(range(k_blocks.shape[1]))
+    Hkv, C = keys_buf.shape[1], keys_buf.shape[2]
+    Dv = values_buf.shape[-1]
+    bs = block_size
     G = len(index_head_of_group)
     Gq = Hq // G
     k = idx.shape[-1]
     if index_head_of_group != list(range(idx.shape[1])):
         sel = mx.array(index_head_of_group)
         idx, valid = idx[:, sel], valid[:, sel]
-    same_heads = kv_head_of_group == list(range(k_blocks.shape[1]))
+    ids_all = flat_block_ids(mx.where(valid, idx, 0), kv_head_of_group, Hkv, C // bs)  # [B, G, L, k]
 
-    per_query = G * k * bs * (D + Dv) * k_blocks.dtype.size
+    per_query = G * k * bs * (D + Dv) * keys_buf.dtype.size
     q_tile = max(1, min(L, GATHER_TILE_BYTES // per_query))
-    # Query heads in group-major order (head h is in group h // Gq, as repeat_kv does).
     qg = q.reshape(B, G, Gq, L, D)
-    slot = mx.arange(bs)
+    slot = mx.arange(bs, dtype=mx.int32)
     outs = []
     for l0 in range(0, L, q_tile):
         l1 = min(L, l0 + q_tile)
         Lt = l1 - l0
-        blk = mx.where(valid[:, :, l0:l1], idx[:, :, l0:l1], 0)  # [B, G, Lt, k]
-        if same_heads:
-            ind = blk.reshape(B, G, Lt * k, 1, 1)
-            kg = mx.take_along_axis(k_blocks, ind, axis=2)
-            vg = mx.take_along_axis(v_blocks, ind, axis=2)
-        else:
-            bi = mx.arange(B).reshape(B, 1, 1, 1)
-            hi = mx.array(kv_head_of_group).reshape(1, G, 1, 1)
-            kg, vg = k_blocks[bi, hi, blk], v_blocks[bi, hi, blk]
-        # [B, G, Lt*k, bs, D] -> one batch entry per (b, query), G heads, k*bs keys
-        kg = kg.reshape(B, G, Lt, k * bs, D).transpose(0, 2, 1, 3, 4).reshape(B * Lt, G, k * bs, D)
-        vg = vg.reshape(B, G, Lt, k * bs, Dv).transpose(0, 2, 1, 3, 4).reshape(B * Lt, G, k * bs, Dv)
-        key_pos = blk[..., None] * bs + slot  # [B, G, Lt, k, bs]
-        q_pos = mx.arange(offset + l0, offset + l1).reshape(1, 1, Lt, 1, 1)
-        keep = (key_pos <= q_pos) & valid[:, :, l0:l1, :, None]
-        keep = keep.reshape(B, G, Lt, 1, k * bs).transpose(0, 2, 1, 3, 4).reshape(B * Lt, G, 1, k * bs)
+        # (b, query, group, slot) order: the gathered rows are already SDPA's layout
+        ids = ids_all[:, :, l0:l1].transpose(0, 2, 1, 3)  # [B, Lt, G, k]
+        kg = gather_blocks(keys_buf, ids, bs).reshape(B * Lt, G, k * bs, D)
+        vg = gather_blocks(values_buf, ids, bs).reshape(B * Lt, G, k * bs, Dv)
+        blk = idx[:, :, l0:l1].transpose(0, 2, 1, 3)  # [B, Lt, G, k]
+        key_pos = blk[..., None] * bs + slot  # [B, Lt, G, k, bs]
+        q_pos = mx.arange(offset + l0, offset + l1).reshape(1, Lt, 1, 1, 1)
+        keep = (key_pos <= q_pos) & valid[:, :, l0:l1].transpose(0, 2, 1, 3)[..., None]
+        keep = keep.reshape(B * Lt, G, 1, k * bs)
         # The group's query heads ride on the query axis: one SDPA "head" per group.
         qt = qg[:, :, :, l0:l1].transpose(0, 3, 1, 2, 4).reshape(B * Lt, G, Gq, D)
         o = mx.fast.scaled_dot_product_attention(qt, kg, vg, scale=scale, mask=keep)
-        outs.append(o.reshape(B, Lt, Hq, Dv))
+        o = o.reshape(B, Lt, Hq, Dv)
+        if q_tile < L:
+            # Evaluate tile by tile: left lazy, MLX would gather every tile before the
+            # first attention ran (measured: 9 GB at a 2048-token chunk instead of 0.5).
+            mx.eval(o)
+        outs.append(o)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+
+def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, topk, local_blocks):
+    """Selection and attention of one decode token of an MSA layer, as one graph.
+
+    Every shape depends only on the cache capacity, never on the position (an int32
+    array), so the compiled graph is traced once per capacity, not per token: built op by
+    op, the step cost ~0.9 ms of Python and launch overhead on an H200 (MLX CUDA) at any
+    context. The cache writes stay outside (Attention._decode): inside a compiled graph
+    MLX does not update the buffers in place, and each token copied the whole cache.
+
+    The own block is gathered whole and its future slots masked; the other topk-1 kept
+    blocks are past blocks, whole. Scores run over the whole capacity with future slots
+    at -inf (at most one allocation step more than the context).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, C = keys.shape[1], keys.shape[2]
+    bs = block_size
+    nb = C // bs
+    s = idx_q.astype(index_keys.dtype) @ index_keys.swapaxes(-1, -2)  # [B, G, 1, C]
+    s = mx.where(mx.arange(C) <= pos, s, -mx.inf)
+    s = s.reshape(B, Hkv, nb, bs).max(axis=-1).astype(mx.float32)  # [B, G, nb]
+    blocks = mx.arange(nb)
+    q_block = pos // bs
+    s = mx.where(blocks == q_block, -mx.inf, s)  # taken whole below
+    if local_blocks > 1:
+        s = mx.where((blocks < q_block) & (blocks > q_block - local_blocks), mx.inf, s)
+    idx = mx.argpartition(-s, kth=topk - 2, axis=-1)[..., : topk - 1]
+    idx = mx.concatenate([idx, mx.broadcast_to(q_block, (B, Hkv, 1)).astype(idx.dtype)], axis=-1)
+    base = (mx.arange(B).reshape(B, 1, 1) * Hkv + mx.arange(Hkv).reshape(1, Hkv, 1)) * nb
+    ids = (idx + base).astype(mx.int32)
+    kg = gather_blocks(keys, ids, bs).reshape(B, Hkv, topk * bs, D)
+    vg = gather_blocks(values, ids, bs).reshape(B, Hkv, topk * bs, values.shape[-1])
+    # the own block's slots after the query are its future
+    mask = mx.arange(topk * bs) <= (topk - 1) * bs + pos - q_block * bs
+    o = mx.fast.scaled_dot_product_attention(q, kg, vg, scale=scale, mask=mask.reshape(1, 1, 1, -1))
+    return o.transpose(0, 2, 1, 3)
+
+
+_COMPILED_STEPS = {}
+
+
+def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int):
+    """One compiled `_decode_step` per distinct layer constants, shared by all layers."""
+    key = (scale, block_size, topk, local_blocks)
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = mx.compile(partial(_decode_step, scale=scale, block_size=block_size,
+                                                  topk=topk, local_blocks=local_blocks))
+    return _COMPILED_STEPS[key]
 
 
 def block_mask(idx: mx.array, valid: mx.array, offset: int, n_keys: int, block_size: int,

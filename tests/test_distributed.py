@@ -1,0 +1,442 @@
+"""Distributed inference on localhost: `mlx.launch --backend ring` with 2 and 4 processes.
+
+One launch per process count runs every case in tests/dist_worker.py (loading is the
+expensive part of a launch: ~4 s of imports per process); each test below checks one
+property of the results against the single-process model (checkpoint.load_model) run
+here. Checkpoints are tiny but selection is active: a 66-token prompt over blocks of 4
+with top-3 blocks keeps 3 of 17 blocks per query and KV group.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from minimax_m3_mlx import distributed as dist
+from minimax_m3_mlx import plan, synthetic
+from minimax_m3_mlx.checkpoint import load_model
+from minimax_m3_mlx.config import ModelArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "dist_worker.py"
+TOL = 1e-5
+HEADS4 = {"num_key_value_heads": 4, "sparse_attention_config": {"sparse_num_index_heads": 4}}
+# Intermediate sizes that split into whole quantisation groups (32) over 4 ranks.
+WIDE = dict(HEADS4, intermediate_size=128, shared_intermediate_size=128, dense_intermediate_size=128)
+PROMPT = np.random.default_rng(5).integers(0, 256, 66).tolist()
+DECODE = np.random.default_rng(6).integers(0, 256, 8).tolist()
+GEN_PREFILL_STEP = 16  # mlx-lm's generate loop, prefill in 16-token chunks (only caches evaluated)
+
+# checkpoint -> (how plan.recipe_table describes it)
+RECIPE = {"f32": "bf16", "mxfp8": "mxfp8", "affine": None}
+
+# Every mode at both process counts, each quantised format sharded at least once by
+# tensor parallelism (4 ranks: affine; 2 ranks: both formats), mlx-lm's generate loop
+# through the pipeline's point-to-point transfers, and the refusals. Kept small: every
+# case costs collectives, and CI has 2 cores for 4 processes.
+CASES = {
+    2: [
+        {"name": "tensor-f32", "ck": "f32", "mode": "tensor"},
+        {"name": "pipeline-f32", "ck": "f32", "mode": "pipeline", "generate": GEN_PREFILL_STEP},
+        {"name": "tensor-mxfp8", "ck": "mxfp8", "mode": "tensor"},
+        {"name": "pipeline-mxfp8", "ck": "mxfp8", "mode": "pipeline"},
+        {"name": "tensor-affine", "ck": "affine", "mode": "tensor"},
+        {"name": "shard-loaded-mxfp8", "ck": "mxfp8", "api": "shard"},
+        {"name": "pipeline-loaded-f32", "ck": "f32", "api": "pipeline"},
+        {"name": "both-refused", "ck": "f32", "mode": "both", "expect_error": True},
+    ],
+    4: [
+        {"name": "tensor-affine", "ck": "affine", "mode": "tensor"},
+        {"name": "pipeline-f32", "ck": "f32", "mode": "pipeline", "generate": GEN_PREFILL_STEP},
+        {"name": "both-f32", "ck": "f32", "mode": "both", "generate": GEN_PREFILL_STEP},
+        {"name": "both-mxfp8", "ck": "mxfp8", "mode": "both"},
+        {"name": "tensor-kv2-refused", "ck": "kv2", "mode": "tensor", "expect_error": True},
+        {"name": "shard-kv2-refused", "ck": "kv2", "mode": "tensor", "expect_error": True, "shard_loaded": True},
+    ],
+}
+
+
+def _write_affine(src: Path, dst: Path):
+    """A converted MLX folder as mlx-lm's convert writes one: 4-bit affine g32, our names."""
+    model, config = load_model(src)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=model.quant_predicate)
+    dst.mkdir(parents=True)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    cfg = synthetic.tiny_config(HEADS4)
+    # transformers 5.x re-save: fused expert and MLP gate_up tensors split per segment
+    synthetic.write_checkpoint(root / "f32", cfg, synthetic.random_weights(cfg, 11), "resave", shard_bytes=200_000)
+    wide = synthetic.tiny_config(WIDE)
+    synthetic.write_checkpoint(root / "mxfp8", wide, synthetic.random_weights(wide, 12), "mxfp8", shard_bytes=200_000)
+    synthetic.write_checkpoint(root / "wide", wide, synthetic.random_weights(wide, 13), "original")
+    _write_affine(root / "wide", root / "affine")
+    kv2 = synthetic.tiny_config()
+    synthetic.write_checkpoint(root / "kv2", kv2, synthetic.random_weights(kv2, 14), "original")
+    return root
+
+
+def single_process(path):
+    """Prefill + 8 decode logits, and mlx-lm's generate loop, on the whole model in this process."""
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import forward_logits, generate_tokens
+
+    model, _ = load_model(path)
+    logits, cache_nbytes, _ = forward_logits(model, PROMPT, DECODE)
+    toks, lps = generate_tokens(model, PROMPT, len(DECODE), GEN_PREFILL_STEP)
+    return {"logits": logits, "gen_tokens": np.array(toks), "gen_logprobs": lps}
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts):
+    return {ck: single_process(ckpts / ck) for ck in ("f32", "mxfp8", "affine")}
+
+
+def launch(n, ckpts, out: Path):
+    out.mkdir()
+    cases = [dict(c, path=str(ckpts / c["ck"])) for c in CASES[n]]
+    spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4}
+    (out / "spec.json").write_text(json.dumps(spec))
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [launcher, "--backend", "ring", "-n", str(n), "--python", sys.executable, str(WORKER), str(out / "spec.json")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+        log, _ = proc.communicate()
+        pytest.fail(f"mlx.launch -n {n} timed out (a deadlock?):\n{log.decode()[-4000:]}")
+    text = log.decode()
+    results = []
+    for r in range(n):
+        f = out / f"result.rank{r}.json"
+        assert f.exists(), f"rank {r} wrote no result (exit {proc.returncode}):\n{text[-4000:]}"
+        res = json.loads(f.read_text())
+        assert "fatal" not in res, f"rank {r} failed:\n{res['fatal']}"
+        results.append(res)
+    assert proc.returncode == 0, text[-4000:]
+    by_case = {c["name"]: [res["cases"][i] for res in results] for i, c in enumerate(CASES[n])}
+    arrays = {c["name"]: [dict(np.load(out / f"{c['name']}.rank{r}.npz")) for r in range(n)]
+              for c in CASES[n] if not c.get("expect_error")}
+    return {"cases": by_case, "arrays": arrays, "results": results}
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return {n: launch(n, ckpts, out / f"n{n}") for n in (2, 4)}
+
+
+def _cases(pred=lambda c: True):
+    return [pytest.param(n, c, id=f"n{n}-{c['name']}") for n in CASES for c in CASES[n] if pred(c)]
+
+
+# -- logits --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,case", _cases(lambda c: not c.get("expect_error")))
+def test_logits_equal_single_process(runs, reference, n, case):
+    """Prefill (66 tokens, selection active) and 8 decode steps: every rank returns the
+    single-process logits within 1e-5, and all ranks bitwise the same (they must sample
+    the same token)."""
+    ref = reference[case["ck"]]["logits"]
+    assert ref.shape == (len(PROMPT) + len(DECODE), 320)
+    per_rank = runs[n]["arrays"][case["name"]]
+    for r, a in enumerate(per_rank):
+        err = np.abs(a["logits"] - ref).max()
+        assert err <= TOL, f"rank {r}: max |logits - single process| = {err:.3g}"
+        assert np.array_equal(a["logits"], per_rank[0]["logits"]), f"rank {r} differs from rank 0"
+
+
+@pytest.mark.parametrize("n,case", _cases(lambda c: c.get("generate")))
+def test_generate_loop_equal_single_process(runs, reference, n, case):
+    """mlx-lm's generate_step (chunked prefill evaluates only the caches: the pipeline's
+    sends must still happen) gives the single-process greedy tokens and log-probs."""
+    ref = reference[case["ck"]]
+    for r, a in enumerate(runs[n]["arrays"][case["name"]]):
+        assert a["gen_tokens"].tolist() == ref["gen_tokens"].tolist(), f"rank {r}"
+        assert np.abs(a["gen_logprobs"] - ref["gen_logprobs"]).max() <= TOL, f"rank {r}"
+
+
+# -- what each rank loads --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _full_table(path):
+    return dist.inspect_checkpoint(path).table
+
+
+LOADED = lambda c: not c.get("expect_error") and not c.get("api")  # noqa: E731
+
+
+@pytest.mark.parametrize("n,case", _cases(LOADED))
+def test_rank_reads_only_its_part(runs, ckpts, n, case):
+    """Bytes read from the files == parameter bytes kept == MLX memory held after the load;
+    tensor parallel: exactly the replicated tensors + 1/T of the sharded ones; pipeline:
+    each layer on exactly one stage, stages balanced to the optimum."""
+    res = runs[n]["cases"][case["name"]]
+    table = _full_table(ckpts / case["ck"])
+    args = ModelArgs.from_file(ckpts / case["ck"])
+    T, P = res[0]["tensor"], res[0]["pipeline"]
+    assert T * P == n
+    for r in res:
+        assert r["bytes_read"] == r["param_bytes"], r
+        # What MLX holds after the load is the parameters (the reads were freed).
+        assert r["param_bytes"] <= r["active_bytes"] <= r["param_bytes"] * 1.02 + 65536, r
+    layer_full = dist.layer_bytes(table, args.num_hidden_layers)
+    nonlayer = {k: i for k, i in table.items() if dist.layer_of(k) is None}
+    sharded = sum(i.nbytes for k, i in table.items() if dist.tensor_rule(k))
+    replicated = sum(i.nbytes for k, i in table.items() if not dist.tensor_rule(k))
+    if P == 1:
+        for r in res:
+            assert r["param_bytes"] == replicated + sharded // T
+            assert r["sharded_bytes"] == sharded // T
+    else:
+        stages = {}
+        for r in res:
+            stages.setdefault(r["rank"] // T, r["layers"])
+            assert r["layers"] == stages[r["rank"] // T]  # one stage, one set of layers
+            assert r["has_embed"] == (r["rank"] // T == P - 1)
+        spans = sorted(tuple(s) for s in stages.values())
+        assert [i for a, b in spans for i in range(a, b)] == list(range(args.num_hidden_layers))
+        embed_bytes = sum(i.nbytes for k, i in nonlayer.items() if dist.is_embedding(k))
+        loads = [sum(layer_full[a:b]) + (embed_bytes if a == 0 else 0) for a, b in spans]
+        assert max(loads) == _brute_force_max_load(layer_full, P, embed_bytes)
+        heads = sum(i.nbytes for k, i in nonlayer.items() if not dist.is_embedding(k))
+        for r in res:
+            a, b = r["layers"]
+            layer_tensors = {k: i for k, i in table.items() if dist.layer_of(k) in range(a, b)}
+            lay_sh = sum(i.nbytes for k, i in layer_tensors.items() if dist.tensor_rule(k))
+            lay_rep = sum(i.nbytes for k, i in layer_tensors.items() if not dist.tensor_rule(k))
+            embed = sum(i.nbytes for k, i in nonlayer.items() if dist.is_embedding(k)) if r["has_embed"] else 0
+            assert r["param_bytes"] == heads + embed + lay_rep + (lay_sh // T if T > 1 else lay_sh)
+
+
+def _brute_force_max_load(per_layer, stages, embed):
+    import itertools
+
+    n = len(per_layer)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        b = (0, *cuts, n)
+        loads = [sum(per_layer[b[i]:b[i + 1]]) + (embed if i == 0 else 0) for i in range(stages)]
+        best = max(loads) if best is None else min(best, max(loads))
+    return best
+
+
+@pytest.mark.parametrize("n,case", _cases(LOADED))
+def test_plan_matches_measured(runs, ckpts, n, case):
+    """`minimax-m3 plan`'s per-rank weight and cache bytes, computed from the config and
+    the recipe alone, equal what the ranks loaded and what their caches allocated."""
+    path = ckpts / case["ck"]
+    config = json.loads((path / "config.json").read_text())
+    args = ModelArgs.from_dict(config)
+    if RECIPE[case["ck"]] is None:  # the converted folder: its own quantization
+        from minimax_m3_mlx.recipes import model_layout, output_tensors, uniform_policy
+
+        shapes, quantisable = model_layout(config)
+        table = dist.table_from_shapes(output_tensors(shapes, quantisable, uniform_policy(4, 32, "affine"), "float32"))
+    else:
+        table = plan.recipe_table(config, RECIPE[case["ck"]], "float32")
+    res = runs[n]["cases"][case["name"]]
+    T, P = res[0]["tensor"], res[0]["pipeline"]
+    caps = [1 << 40] * n
+    planned = plan.plan_for(args, table, T, P, caps, len(PROMPT) + len(DECODE), dtype_bytes=4)
+    assert planned.error is None
+    for r, rp in zip(res, planned.ranks):
+        assert tuple(r["layers"]) == rp.layers
+        assert r["param_bytes"] == rp.weights, (r["rank"], r["param_bytes"], rp.weights)
+        assert r["cache_bytes"] == rp.kv + rp.index, (r["rank"], r["cache_bytes"], rp.kv, rp.index)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def test_refused_layouts(runs):
+    """Rank counts that cannot work fail on every rank with a clear error, before anything
+    is changed (model.shard on a loaded model leaves it untouched)."""
+    for r in runs[4]["cases"]["tensor-kv2-refused"]:
+        assert r["error"] and "4 does not divide num_key_value_heads=2, index_n_heads=2" in r["error"]
+        assert "1 or 2 ranks" in r["error"]
+    for r in runs[4]["cases"]["shard-kv2-refused"]:
+        assert r["error"] and "does not divide num_key_value_heads=2" in r["error"]
+        assert r["unchanged"] is True
+    for r in runs[2]["cases"]["both-refused"]:
+        assert r["error"] and "mode='both' needs at least 2 tensor-parallel ranks" in r["error"]
+
+
+def test_line_all_sum(runs):
+    """The point-to-point sum used inside pipeline stages (no Group.split on ring) equals
+    all_sum over 4 ranks and is bitwise the same on every rank."""
+    for res in runs[4]["results"]:
+        assert res["line"]["line_vs_allsum"] <= 1e-6
+        assert res["line"]["line_ranks_equal"] is True
+
+
+# -- in-process ------------------------------------------------------------------------------------
+def test_tensor_rules_all_spellings():
+    """Every checkpoint spelling of a tensor gets the same split (published, transformers
+    5.x re-save, converted MLX names, FP8 scales)."""
+    col, row, fused = dist.Rule(dist.COL), dist.Rule(dist.ROW), dist.Rule(dist.COL, 2)
+    L = "language_model.model.layers.7."
+    cases = {
+        L + "self_attn.q_proj.weight": col, L + "self_attn.k_proj.scales": col, L + "self_attn.v_proj.biases": col,
+        L + "self_attn.o_proj.weight": row, L + "self_attn.o_proj.weight_scale_inv": row,
+        L + "self_attn.index_q_proj.weight": col, L + "self_attn.indexer.q_proj.weight": col,
+        L + "self_attn.index_k_proj.weight": None, L + "self_attn.indexer.k_proj.weight": None,
+        L + "self_attn.q_norm.weight": None, L + "self_attn.indexer.q_norm.weight": None,
+        L + "block_sparse_moe.experts.3.w1.weight": col, L + "block_sparse_moe.experts.3.w3.weight_scale_inv": col,
+        L + "block_sparse_moe.experts.3.w2.weight": row, L + "block_sparse_moe.gate.weight": None,
+        L + "block_sparse_moe.e_score_correction_bias": None,
+        L + "block_sparse_moe.shared_experts.up_proj.weight": col,
+        L + "block_sparse_moe.shared_experts.down_proj.weight": row,
+        "model.language_model.layers.7.mlp.experts.gate_up_proj": fused,
+        "model.language_model.layers.7.mlp.experts.down_proj": row,
+        "model.language_model.layers.7.mlp.shared_experts.gate_up_proj.weight": fused,
+        "model.language_model.layers.7.mlp.gate_up_proj.weight": fused,
+        "model.language_model.layers.7.mlp.gate.weight": None,
+        "model.language_model.layers.7.mlp.gate.e_score_correction_bias": None,
+        L + "mlp.switch_mlp.gate_proj.scales": col, L + "mlp.switch_mlp.down_proj.biases": row,
+        L + "mlp.gate_proj.weight": col, L + "mlp.down_proj.weight": row, L + "mlp.gate.weight": None,
+        "language_model.model.embed_tokens.weight": None, "language_model.lm_head.weight": None,
+        L + "input_layernorm.weight": None,
+    }
+    for name, rule in cases.items():
+        assert dist.tensor_rule(name) == rule, name
+    # Fused [E, 2I, H] -> each rank gets its part of gate and of up, not all gate rows.
+    x = np.arange(2 * 8).reshape(1, 16, 1)
+    part = dist.take_slice(x, fused, 2, 1, lambda p, a: np.concatenate(p, axis=a))
+    assert part[0, :, 0].tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+
+
+def test_balanced_split_is_optimal():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(2, 9))
+        P = int(rng.integers(1, n + 1))
+        per = rng.integers(1, 100, n).tolist()
+        embed = int(rng.integers(0, 100))
+        split = dist.balanced_split(per, P, embed)
+        assert sum(split) == n and all(s >= 1 for s in split) and len(split) == P
+        loads = []
+        for s in range(P):
+            a, b = dist.stage_layers(split, s)
+            loads.append(sum(per[a:b]) + (embed if a == 0 else 0))
+        assert max(loads) == _brute_force_max_load(per, P, embed)
+    with pytest.raises(dist.ShardingError, match="at least one layer per stage"):
+        dist.balanced_split([1, 2, 3], 4)
+
+
+def test_plan_real_model(capsys):
+    """The real model: KV and index figures as DESIGN.md derives them; 2x192 fits the
+    192 GB recipe with tensor parallel; 3 Macs cannot be tensor parallel."""
+    from minimax_m3_mlx.recipes import REAL_CONFIG
+
+    args = ModelArgs.from_file(REAL_CONFIG)
+    kv, idx = dist.cache_bytes(args, 131072, 1, dtype_bytes=2)
+    assert kv == 60 * 131072 * 2 * 4 * 128 * 2  # 2 KiB per token and layer
+    assert idx == 57 * 131072 * 128 * 4  # float32 index keys on the 57 sparse layers
+    kv2, idx2 = dist.cache_bytes(args, 131072, 2, dtype_bytes=2)
+    assert kv2 * 2 == kv and idx2 == idx  # K/V split by KV head; index keys replicated
+    assert plan.main(["--hosts", "2x192", "--recipe", "mac-192gb", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended: tensor" in out and "tensor: fits" in out
+    assert plan.main(["--hosts", "3x128", "--recipe", "mac-256gb", "--context", "1000000"]) == 1
+    out = capsys.readouterr().out
+    assert "tensor: not possible" in out and "3 does not divide" in out and "pipeline: DOES NOT FIT" in out
+    assert plan.main(["--hosts", "2x192", "--recipe", "mac-192gb", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    tensor = next(p for p in data["plans"] if p["name"] == "tensor")
+    w = [r["weights"] for r in tensor["ranks"]]
+    table = plan.recipe_table(json.loads(REAL_CONFIG.read_text()), "mac-192gb")
+    rep = sum(i.nbytes for k, i in table.items() if not dist.tensor_rule(k))
+    sh = sum(i.nbytes for k, i in table.items() if dist.tensor_rule(k))
+    assert w == [rep + sh // 2] * 2 and 60e9 < w[0] < 80e9
+
+
+def test_activation_estimate_bounds_measured(ckpts):
+    """The plan's activation figure bounds the measured transient memory of a prefill."""
+    model, _ = load_model(ckpts / "f32")
+    args = model.args
+    for L in (66, 200):
+        cache = model.make_cache()
+        mx.eval(model.parameters())
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        logits = model(mx.array([PROMPT * (L // len(PROMPT)) + PROMPT[: L % len(PROMPT)]]), cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        transient = mx.get_peak_memory() - base - sum(c.nbytes for c in cache)
+        est = dist.activation_bytes(args, L, 1, 1, 4, L)
+        assert 0 < transient <= est, (L, transient, est)
+        del logits, cache
+
+
+class _Ranks:
+    """Stands in for an mx.distributed group of `n` ranks: the refusals below must come
+    before any communication (and before any tensor is read)."""
+
+    def __init__(self, n, rank=0):
+        self.n, self.r = n, rank
+
+    def size(self):
+        return self.n
+
+    def rank(self):
+        return self.r
+
+
+def test_refusals_before_loading(ckpts, monkeypatch):
+    def no_reads(*a, **k):
+        raise AssertionError("a tensor was read before the layout was checked")
+
+    monkeypatch.setattr(dist._Reader, "read", no_reads)
+    with pytest.raises(dist.ShardingError, match="8 stages needs at least one layer per stage; the model has 4"):
+        dist.load_sharded(ckpts / "f32", _Ranks(8), "pipeline")
+    with pytest.raises(dist.ShardingError,
+                       match=r"8 does not divide num_key_value_heads=4, index_n_heads=4.*1, 2 or 4 ranks"):
+        dist.load_sharded(ckpts / "f32", _Ranks(8), "tensor")
+    # heads divide, but a quantisation group would straddle two ranks (128 / 8 = 16 < 32)
+    wide8 = synthetic.tiny_config(dict(WIDE, num_attention_heads=16, num_key_value_heads=8,
+                                       sparse_attention_config={"sparse_num_index_heads": 8}))
+    table = plan.recipe_table(wide8, "mxfp8", "float32")
+    with pytest.raises(dist.ShardingError, match="quantisation groups must not straddle ranks"):
+        dist.check_tensor_parallel(ModelArgs.from_dict(wide8), table, 8)
+    with pytest.raises(dist.ShardingError, match="6 ranks do not split into stages of 4"):
+        dist.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=4)
+    with pytest.raises(dist.ShardingError, match="3 does not divide num_attention_heads=8"):
+        dist.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=3)
+
+
+def test_generate_cli_under_mlx_launch(ckpts):
+    """`minimax-m3 generate` under mlx.launch (2 ranks, tensor parallel): rank 0 prints the
+    same greedy text as one process, the other rank prints nothing."""
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["-m", "minimax_m3_mlx", "generate", "--model", str(ckpts / "f32"), "--prompt", "hello there",
+            "--max-tokens", "10", "--thinking", "disabled"]
+
+    def answer(text):
+        return text.split("=" * 10)[1]
+
+    alone = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    both = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--python", sys.executable, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert both.returncode == 0, both.stdout[-2000:] + both.stderr[-2000:]
+    assert both.stdout.count("=" * 10) == 2  # one rank printed
+    assert answer(both.stdout) == answer(alone.stdout)
