@@ -12,8 +12,9 @@ Layouts (see DESIGN.md):
 - FP8 with float32 `weight_scale_inv` per 128x128 block (DeepSeek style), dequantised
   exactly per block, ragged edge blocks included;
 - this package's own names (converted MLX models): passed through unchanged.
-`mtp.*` tensors are dropped (the reference ignores them); vision tensors are set aside
-until the vision tower exists. Anything else is an error that names the tensor.
+`mtp.*` tensors are dropped (the reference ignores them); vision tensors go to the vision
+tower (vision.py), which is built when the checkpoint holds them. Anything else is an
+error that names the tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -207,8 +208,15 @@ def rename(key: str) -> str:
     return key
 
 
-def _stack_experts(weights: Dict[str, mx.array], n_experts: int) -> Dict[str, mx.array]:
-    """Per-expert w1/w3/w2 tensors -> one [E, ...] tensor per projection (SwitchGLU layout)."""
+def _stack_experts(weights: Dict[str, mx.array], n_experts: int,
+                   experts: Optional[Sequence[int]] = None) -> Dict[str, mx.array]:
+    """Per-expert w1/w3/w2 tensors -> one [E, ...] tensor per projection (SwitchGLU layout).
+
+    `experts` (default: all of range(n_experts)) are the expert indices `weights` must
+    hold, stacked in that order: the streaming converter passes one expert at a time and
+    gets that expert's [1, ...] slice of each stacked tensor.
+    """
+    expected = list(range(n_experts)) if experts is None else list(experts)
     groups: Dict[Tuple[str, str, str], Dict[int, mx.array]] = {}
     out = {}
     for k, v in weights.items():
@@ -218,13 +226,13 @@ def _stack_experts(weights: Dict[str, mx.array], n_experts: int) -> Dict[str, mx
             continue
         prefix, e, w, part = m.groups()
         groups.setdefault((prefix, w, part), {})[int(e)] = v
-    for (prefix, w, part), experts in sorted(groups.items()):
-        missing = sorted(set(range(n_experts)) - set(experts))
-        extra = sorted(set(experts) - set(range(n_experts)))
+    for (prefix, w, part), found in sorted(groups.items()):
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(range(n_experts)))
         if missing or extra:
             what = f"missing experts {missing[:8]}" if missing else f"experts beyond num_local_experts: {extra[:8]}"
             raise CheckpointError(f"{prefix}.block_sparse_moe.experts.*.{w}.{part}: {what}")
-        out[f"{prefix}.mlp.switch_mlp.{_EXPERT_NAMES[w]}.{part}"] = mx.stack([experts[e] for e in range(n_experts)])
+        out[f"{prefix}.mlp.switch_mlp.{_EXPERT_NAMES[w]}.{part}"] = mx.stack([found[e] for e in expected])
     return out
 
 
@@ -249,15 +257,30 @@ def _split_fused(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     return out
 
 
-def sanitize(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    args: ModelArgs = model.args
+def sanitize_tensors(args: ModelArgs, weights: Dict[str, mx.array],
+                     experts: Optional[Sequence[int]] = None) -> Tuple[Dict[str, mx.array], set]:
+    """The tensor part of sanitize, on a whole checkpoint or any self-contained part of one.
+
+    A part must hold each weight with its scale, and, for per-expert tensors, exactly
+    the experts named by `experts` (see _stack_experts). Returns (weights in this
+    package's names, source module prefixes left packed as mxfp8).
+    """
     weights = {k: v for k, v in weights.items() if not k.startswith(DROPPED_PREFIXES + VISION_PREFIXES)}
     weights, mx_packed = unpack_quantized(args, weights)
     weights = {rename(k): v for k, v in weights.items()}
-    weights = _stack_experts(weights, args.num_local_experts)
+    weights = _stack_experts(weights, args.num_local_experts, experts)
     weights = _split_fused(weights)
     if args.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)
+    return weights, mx_packed
+
+
+def sanitize(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    from .vision import sanitize_model_vision  # vision tensors (which sanitize_tensors sets aside)
+
+    vision = sanitize_model_vision(model, weights)
+    weights, mx_packed = sanitize_tensors(model.args, weights)
+    weights.update(vision)
     if mx_packed:
         _quantize_mx_layers(model, weights)
     return weights
@@ -356,7 +379,9 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
     eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else eos
     tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos)
-    return model, tokenizer
+    from .tokenizer import configure_tokenizer
+
+    return model, configure_tokenizer(tokenizer)
 
 
 def get_model_classes(config: dict = None):

@@ -171,14 +171,24 @@ class Generation:
 def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
              sampler=None, logits_processors=None, prompt_cache: Optional[PromptCache] = None,
              tools: Optional[list] = None, prefill_step_size: int = 2048,
-             on_text: Optional[Callable[[str, str], None]] = None) -> Generation:
+             on_text: Optional[Callable[[str, str], None]] = None,
+             input_embeddings: Optional[mx.array] = None) -> Generation:
     """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
 
     `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
     removed). The reply's tool calls are parsed with the tokenizer's tool parser.
+    `input_embeddings` ([L, hidden], e.g. from multimodal.prepare) replace the prompt's
+    embeddings; such a prompt neither reuses nor records a cached prefix, because every
+    image's placeholder tokens are the same ids.
     """
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
-    rest = cache.reuse(prompt)
+    if input_embeddings is not None:
+        if cache.tokens:
+            raise ValueError("a prompt with images or videos cannot continue a prompt cache")
+        rest = list(prompt)
+    else:
+        rest = cache.reuse(prompt)
+    extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
     out = Generation(cached_tokens=len(prompt) - len(rest))
     sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
     pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
@@ -187,7 +197,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     blocks: List[str] = []
     for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
-                                prefill_step_size=prefill_step_size):
+                                prefill_step_size=prefill_step_size, **extra):
         out.tokens.append(resp.token)
         sm_state, segments = TextStateMachine.split(sm_state, resp.text)
         if resp.finish_reason is not None:
@@ -210,7 +220,8 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
         out.peak_memory = resp.peak_memory
     if prev_state == "tool" and tool_text:
         blocks.append("".join(tool_text))
-    cache.record(list(rest) + out.tokens)
+    if input_embeddings is None:
+        cache.record(list(rest) + out.tokens)
 
     out.text, out.reasoning = "".join(pieces["normal"]), "".join(pieces["reasoning"])
     out.tool_call_text = blocks
@@ -304,7 +315,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     parser.add_argument("--prompt-cache-file", default=None,
                         help="reuse the KV cache in this file for the prompt's shared prefix, and save this run's")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
+    parser.add_argument("--video", action="append", default=[], help="a video file (repeat for more)")
+    parser.add_argument("--video-fps", type=float, default=1.0, help="frames per second sampled from videos")
     return parser
+
+
+def media_prompt(model, tokenizer, args, messages):
+    """Token ids and embeddings of a chat prompt holding --image / --video inputs."""
+    from . import multimodal
+
+    if not model.has_vision:
+        raise ValueError(f"{args.model} has no vision tower (a text-only checkpoint or conversion)")
+    markers = multimodal.IMAGE_MARKER * len(args.image) + multimodal.VIDEO_MARKER * len(args.video)
+    messages[-1]["content"] = markers + messages[-1]["content"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         thinking_mode=args.thinking)
+    processor = multimodal.load_processor(args.model, tokenizer)
+    prepared = multimodal.prepare(model, processor, text, images=args.image or None, videos=args.video or None,
+                                  video_fps=args.video_fps)
+    return prepared.input_ids.tolist(), prepared.embeddings
 
 
 def main(argv=None) -> int:
@@ -320,12 +350,21 @@ def main(argv=None) -> int:
 
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
+    media = args.image or args.video
+    if media and (args.prompt_cache_file or args.ignore_chat_template):
+        print("--image/--video go through the chat template and cannot use --prompt-cache-file "
+              "(every image's placeholders are the same token ids)", file=sys.stderr)
+        return 2
+    embeddings = None
     if args.ignore_chat_template or not tokenizer.has_chat_template:
         ids = tokenizer.encode(prompt, add_special_tokens=True)
     else:
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
+        if media:
+            ids, embeddings = media_prompt(model, tokenizer, args, messages)
+        else:
+            ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
 
     cache = PromptCache(model)
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
@@ -334,7 +373,8 @@ def main(argv=None) -> int:
     printer = Printer(hide_thinking=args.hide_thinking)
     print("=" * 10)
     gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
-                   prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer)
+                   prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
+                   input_embeddings=embeddings)
     printer.finish(gen)
     print("=" * 10)
     if not gen.tokens:

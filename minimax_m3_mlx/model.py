@@ -37,6 +37,8 @@ class TextModel(nn.Module):
         self.norm = GemmaRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+        if getattr(self, "pipeline_stage", None) is not None:  # set by Model.pipeline
+            return self.pipeline_stage(self, inputs, cache, input_embeddings)
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         if cache is None:
             cache = [None] * len(self.layers)
@@ -88,10 +90,49 @@ class Model(nn.Module):
     def layers(self):
         return self.language_model.model.layers
 
+    # -- vision (see vision.py) ---------------------------------------------------------------
+    # The tower is built when the config has a vision_config AND the checkpoint holds its
+    # weights (sanitize builds it on seeing them), so text-only checkpoints load as before.
+    @property
+    def has_vision(self) -> bool:
+        from .vision import has_vision
+
+        return has_vision(self)
+
+    def build_vision(self) -> None:
+        """Add `vision_tower` and `multi_modal_projector` as the config's vision_config says."""
+        from .vision import build_vision
+
+        build_vision(self)
+
+    def get_input_embeddings(self, input_ids, pixel_values=None, image_grid_thw=None,
+                             pixel_values_videos=None, video_grid_thw=None, feature_cache=None) -> mx.array:
+        """[B, L, hidden] embeddings of `input_ids` with the image / video placeholder tokens
+        replaced by the projected vision features (processor outputs: pixel_values [patches,
+        C*T*P*P] and grid_thw [entries, 3]); pass the result as `input_embeddings`. A
+        placeholder count that does not match the features raises vision.PlaceholderMismatch."""
+        from .vision import get_input_embeddings
+
+        return get_input_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                    video_grid_thw, feature_cache)
+
+    def shard(self, group=None):
+        """Tensor parallelism over `group` (see distributed.shard_model)."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
+    def pipeline(self, group, split=None):
+        """Keep only this rank's pipeline stage of layers (see distributed.pipeline_model)."""
+        from .distributed import pipeline_model
+
+        return pipeline_model(self, group, split)
+
     def make_cache(self) -> List[Any]:
         """One cache per layer: SparseKVCache (K, V and index keys) on MSA layers."""
         return [
-            SparseKVCache(self.args.index_block_size) if layer.self_attn.is_sparse else KVCache()
+            SparseKVCache(self.args.index_block_size, layer.self_attn.index_dtype)
+            if layer.self_attn.is_sparse else KVCache()
             for layer in self.layers
         ]
 

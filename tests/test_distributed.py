@@ -440,3 +440,19 @@ def test_generate_cli_under_mlx_launch(ckpts):
     assert both.returncode == 0, both.stdout[-2000:] + both.stderr[-2000:]
     assert both.stdout.count("=" * 10) == 2  # one rank printed
     assert answer(both.stdout) == answer(alone.stdout)
+
+
+def test_sharded_load_sets_vision_aside(tmp_path):
+    """Published checkpoints hold the vision tower: the per-rank loader (text-only) must
+    still load them, and give the text model's logits."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference import build_reference
+
+    cfg = synthetic.tiny_config()
+    w = synthetic.random_weights(cfg, 3)
+    _, vision = build_reference(cfg, w)
+    synthetic.write_checkpoint(tmp_path, cfg, {**w, **vision}, "original")
+    model, _ = dist.load_sharded(tmp_path, mx.distributed.init(), mode="tensor")
+    whole, _ = load_model(tmp_path)
+    toks = mx.array([[5, 9, 200, 17, 3, 44, 91, 12, 8, 100, 7, 66, 2, 1, 0, 250, 33, 19]])
+    np.testing.assert_allclose(np.array(model(toks)), np.array(whole(toks)), rtol=1e-5, atol=1e-5)
