@@ -23,18 +23,15 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
+from .vision import VISION_PREFIXES
 
-VISION_PREFIXES = (
-    "vision_tower.", "multi_modal_projector.", "patch_merge_mlp.",
-    "model.vision_tower.", "model.multi_modal_projector.",
-)
 DROPPED_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "language_model.model.mtp.")
 MX_BLOCK = 32
 SUPPORTED_QUANT_METHODS = ("mxfp8", "fp8")
@@ -183,7 +180,7 @@ def unpack_quantized(args: ModelArgs, weights: Dict[str, mx.array]) -> Tuple[Dic
             out[f"{base}.scales"] = s
             mx_packed.add(base)
         else:
-            out[wk] = dequantize_fp8_blocks(w, s, block, wk, dtype)
+            out[wk] = dequantize_fp8_blocks(w, s, block, sk, dtype)
     stray = [k for k, v in out.items() if v.dtype == mx.uint8 and not k.endswith(".scales")]
     if stray:
         raise CheckpointError(f"{stray[0]}: float8 weight without a weight_scale_inv")

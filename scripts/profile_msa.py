@@ -39,7 +39,6 @@ def main():
     vb = mx.random.normal((1, G, nb, BS, D)).astype(dt)
     q = mx.random.normal((1, G * GQ, L, D)).astype(dt)
     idx = mx.random.randint(0, nb - 16, (1, G, L, K)).astype(mx.int32)
-    idxk = mx.random.randint(0, nb, (1, G * 2, L, K))
     ik = mx.random.normal((1, 1, S, D)).astype(mx.float32)
     iq = mx.random.normal((1, 4, L, D)).astype(mx.float32)
     mx.eval(kb, vb, q, idx, ik, iq)

@@ -12,7 +12,7 @@ import zlib
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import SEQ, Case
+from conftest import Case
 from reference import reference_logits, rel_err
 
 from minimax_m3_mlx import load_model, synthetic
@@ -139,9 +139,9 @@ def test_mxfp8_bytes_are_ocp(default_case, tmp_path):
 
 
 def test_batch_rows_are_independent(default_case, tokens, tmp_path):
-    reference = default_case.write(tmp_path, "original")
+    """A row's logits do not depend on the other rows of its batch (selection is per row)."""
+    default_case.write(tmp_path, "original")
     model, _ = load_model(tmp_path)
     both = np.array(model(mx.array(tokens)))
     one = np.array(model(mx.array(tokens[1:])))
     assert rel_err(both[1:], one) < 1e-5
-    assert SEQ == tokens.shape[1]

@@ -1,0 +1,67 @@
+"""ModelArgs: both config spellings, the real config, and self-contradicting configs refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from minimax_m3_mlx import ConfigError, ModelArgs, synthetic
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_published_and_resave_spellings_agree():
+    published = ModelArgs.from_dict(synthetic.tiny_config())
+    resave = ModelArgs.from_dict(synthetic.resave_config(synthetic.tiny_config()))
+    for field in ("layer_types", "mlp_layer_types", "index_n_heads", "index_head_dim", "index_block_size",
+                  "index_topk_blocks", "index_local_blocks", "rotary_dim", "rope_theta", "head_dim"):
+        assert getattr(published, field) == getattr(resave, field), field
+    assert published.mlp_layer_types == ["dense", "sparse", "sparse", "sparse"]
+    assert published.layer_types[0] == "full_attention" and published.layer_types[1] == "minimax_m3_sparse"
+
+
+def test_real_config():
+    args = ModelArgs.from_file(CONFIGS / "minimax_m3.json")
+    assert (args.hidden_size, args.num_hidden_layers, args.num_attention_heads, args.num_key_value_heads) == (
+        6144, 60, 64, 4)
+    assert args.rotary_dim == 64 and args.rope_theta == 5e6 and args.num_local_experts == 128
+    assert args.mlp_layer_types[:4] == ["dense", "dense", "dense", "sparse"]
+    assert sum(args.is_sparse_attention(i) for i in range(60)) == 57
+    assert (args.index_n_heads, args.index_head_dim, args.index_block_size, args.index_topk_blocks,
+            args.index_local_blocks) == (4, 128, 128, 16, 1)
+
+
+def _bad(mutate):
+    cfg = copy.deepcopy(synthetic.tiny_config())
+    mutate(cfg["text_config"])
+    return cfg
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda t: t.update(moe_layer_freq=[0, 1]), "moe_layer_freq"),
+    (lambda t: t["sparse_attention_config"].update(sparse_attention_freq=[1] * 7), "sparse_attention_freq"),
+    (lambda t: t.update(mlp_layer_types=["dense", "sparse", "banana", "sparse"]), "mlp_layer_types"),
+    (lambda t: t["sparse_attention_config"].update(sparse_num_index_heads=3), "index_n_heads"),
+    (lambda t: t["sparse_attention_config"].update(sparse_block_size=0), "index_block_size"),
+    (lambda t: t["sparse_attention_config"].update(sparse_local_block=5), "index_local_blocks"),
+    (lambda t: t.update(num_key_value_heads=3), "num_key_value_heads"),
+    (lambda t: t.update(rotary_dim=8), "rotary_dim"),  # contradicts partial_rotary_factor 0.5 x 32
+    (lambda t: t.update(index_block_size=8), "index_block_size"),  # contradicts the nested key
+])
+def test_contradictions_are_named(mutate, key):
+    with pytest.raises(ConfigError, match=key):
+        ModelArgs.from_dict(_bad(mutate))
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelArgs.from_file(tmp_path)
