@@ -94,6 +94,10 @@ class Attention(nn.Module):
         keys, values = cache.update_and_fetch(k, v)
         if n_blocks <= self.topk:
             # Every block is kept: the selection is the causal mask, and dense is exact.
+            # This is the only crossover: once a block is dropped, dense attention is a
+            # different model. Speed alone would put it higher (H200, MLX CUDA, bf16, one
+            # layer: decode 0.62 ms sparse vs 0.42 ms dense at 16K, 0.60 vs 1.71 at 128K;
+            # a 2048-token prefill chunk 30 ms vs 15 ms at 128K, 47 vs 60 at 512K).
             return msa.dense_attention(q, keys, values, self.scale)
         scores = msa.index_block_scores(idx_q, index_keys, offset, self.block_size)
         idx, valid = msa.select_blocks(scores, offset, self.block_size, self.topk, self.local_blocks)
