@@ -20,8 +20,15 @@ How it works, and why:
   recorded in the manifest (size, sha256) when finished; a rerun with the same plan
   verifies and keeps those and redoes the rest. An existing OUT is never replaced
   without --overwrite.
-- The output is the text model (vision and multi-token-prediction tensors are skipped,
-  as the loader's sanitize does) with mlx-lm's "quantization" config and a `model_file`
+- The vision tower and projector are kept (their own work items, through the loader's
+  vision sanitize: published or transformers names -> ours, FP8/MXFP8 dequantised), and
+  config.json keeps vision_config and projector_hidden_size. Their Linear layers are
+  8-bit affine by default or unquantised (--vision-bits 16), whatever the recipe gives the
+  text; the patch embedding (a 5-D conv weight) and the LayerNorms are never quantised.
+  --drop-vision writes a text-only model (no vision tensors, no vision_config), as does a
+  source without vision tensors. Multi-token-prediction tensors are always skipped (unused).
+- The output has mlx-lm's "quantization" config (per-module entries where a layer's spec
+  differs from the commonest, e.g. the 8-bit vision layers) and a `model_file`
   that makes `mlx_lm.generate --trust-remote-code` build this package's Model. mlx-lm
   then insists on trust_remote_code for the folder; `mlx_lm.utils.load_model(path,
   get_model_classes=...)` needs `model_config={"model_file": None}` to take our classes.
@@ -54,6 +61,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, ModelArgs
 from .recipes import Policy, PolicyError, QuantSpec
+from .vision import _resolve_fp8 as resolve_vision_fp8, sanitize_vision
 
 MANIFEST = ".convert-manifest.json"
 MODEL_FILE = "minimax_m3_model.py"
@@ -213,6 +221,7 @@ class WorkItem:
     parts: List[Tuple[SourceTensor, Optional[Tuple[int, int]]]]
     experts: Optional[Tuple[int, ...]] = None  # original layout: the expert this item stacks
     position: Optional[Tuple[int, int]] = None  # rows (axis 0) of every output it fills; None: whole
+    vision: bool = False  # vision tower / projector tensors: the loader's vision sanitize applies
 
     @property
     def nbytes(self) -> int:
@@ -230,18 +239,22 @@ def _base(name: str) -> str:
 
 
 def _unit_of(name: str) -> Tuple[int, str]:
-    """(sort key, label): decoder layers in order, then everything else."""
+    """(sort key, label): decoder layers in order, then everything else, then the vision tower."""
     for prefix in ("language_model.model.layers.", "model.language_model.layers."):
         if name.startswith(prefix):
             n = int(name[len(prefix):].split(".", 1)[0])
             return n, f"layer {n}"
+    if name.startswith(VISION_PREFIXES):
+        return (1 << 30) + 1, "vision tower"
     return 1 << 30, "embeddings, final norm, lm_head"
 
 
-def plan_items(tensors: Dict[str, SourceTensor], args: ModelArgs,
-               chunk_elements: int = CHUNK_ELEMENTS) -> Tuple[List[WorkItem], List[str]]:
-    """(work items in output order, names of tensors deliberately skipped: mtp, vision)."""
-    skipped = sorted(k for k in tensors if k.startswith(DROPPED_PREFIXES + VISION_PREFIXES))
+def plan_items(tensors: Dict[str, SourceTensor], args: ModelArgs, chunk_elements: int = CHUNK_ELEMENTS,
+               vision: bool = False) -> Tuple[List[WorkItem], List[str]]:
+    """(work items in output order, names of tensors deliberately skipped: mtp, and vision
+    unless `vision`)."""
+    skip = DROPPED_PREFIXES + (() if vision else VISION_PREFIXES)
+    skipped = sorted(k for k in tensors if k.startswith(skip))
     groups: Dict[str, List[SourceTensor]] = {}
     for name, t in sorted(tensors.items()):
         if name not in skipped:
@@ -252,7 +265,12 @@ def plan_items(tensors: Dict[str, SourceTensor], args: ModelArgs,
         unit = _unit_of(base)
         items = by_unit.setdefault(unit, [])
         e = _expert_index(base)
-        if e is not None:  # original layout: all of one expert's w1/w3/w2 in one item
+        if base.startswith(VISION_PREFIXES):  # a weight (with its scale) or row blocks of it; renames only
+            new = _row_items(unit[1], ts, args, chunk_elements)
+            for it in new:
+                it.vision = True
+            items.extend(new)
+        elif e is not None:  # original layout: all of one expert's w1/w3/w2 in one item
             item = experts.get((unit, e))
             if item is None:
                 item = experts[(unit, e)] = WorkItem(unit[1], [], experts=(e,), position=(e, e + 1))
@@ -318,8 +336,13 @@ def placeholders(item: WorkItem) -> Dict[str, mx.array]:
 
 
 def transform(args: ModelArgs, item: WorkItem, arrays: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """The loader's own sanitize on this item: our names; MXFP8 stays packed (weight + .scales)."""
+    """The loader's own sanitize on this item: our names; MXFP8 stays packed (weight + .scales).
+
+    Vision items go through the loader's vision sanitize instead (FP8 / MXFP8 dequantised there).
+    """
     try:
+        if item.vision:
+            return sanitize_vision(resolve_vision_fp8(args, arrays))
         out, _ = sanitize_tensors(args, arrays, experts=item.experts)
     except CheckpointError as e:
         files = sorted({t.file.name for t, _ in item.parts})
@@ -381,6 +404,8 @@ class Plan:
     skipped: List[str]
     policy: Optional[Policy]
     dtype: str
+    vision: bool = False  # the output holds the vision tower
+    quantisable: frozenset = frozenset()  # module paths a policy may quantise
 
     @property
     def tensor_bytes(self) -> int:
@@ -459,13 +484,22 @@ def check_against_model(params: Dict[str, Param], expected: Dict[str, Tuple[int,
                                   f"{tuple(expected[k])}")
 
 
+def keeps_vision(tensors: Dict[str, SourceTensor], args: ModelArgs, drop_vision: bool = False) -> bool:
+    """The output holds the vision tower: asked for, described by the config, present in the source."""
+    return (not drop_vision and args.vision_config is not None
+            and any(k.startswith(VISION_PREFIXES) for k in tensors))
+
+
 def plan_conversion(folder: Path, config: dict, policy: Optional[Policy], dtype: str,
-                    shard_bytes: int, chunk_elements: int = CHUNK_ELEMENTS) -> Plan:
+                    shard_bytes: int, chunk_elements: int = CHUNK_ELEMENTS, drop_vision: bool = False) -> Plan:
+    """The whole output from the source's headers. The vision tower is planned (and checked
+    tensor by tensor against the model's, via build_vision) when keeps_vision says so."""
     args = ModelArgs.from_dict(config)
     tensors = scan_source(folder)
-    items, skipped = plan_items(tensors, args, chunk_elements)
+    vision = keeps_vision(tensors, args, drop_vision)
+    items, skipped = plan_items(tensors, args, chunk_elements, vision)
     params = plan_params(items, _float32_args(args), folder)
-    shapes, quantisable = recipes.model_layout(config)
+    shapes, quantisable = recipes.model_layout(config, vision)
     check_against_model(params, shapes, folder, items)
     params = {k: params[k] for k in sorted(params, key=lambda k: min(i for i, _ in params[k].chunks))}
     quantisable = set(quantisable)
@@ -480,7 +514,7 @@ def plan_conversion(folder: Path, config: dict, policy: Optional[Policy], dtype:
         for name, (shape, tag) in planned.items():
             files[name] = FileTensor(name, shape, tag)
     shards = layout_shards(list(files.values()), shard_bytes)
-    return Plan(items, params, files, shards, skipped, policy, dtype)
+    return Plan(items, params, files, shards, skipped, policy, dtype, vision, frozenset(quantisable))
 
 
 def _float32_args(args: ModelArgs) -> ModelArgs:
@@ -735,16 +769,22 @@ def _progress(total: int, enabled: bool):
 
 # -- the output folder ----------------------------------------------------------------------------------------------
 def output_config(config: dict, plan: Plan) -> dict:
-    """The source config for the converted weights: MLX quantization, dtype, our model_file."""
+    """The source config for the converted weights: MLX quantization, dtype, our model_file;
+    vision_config and projector_hidden_size kept with the tower, dropped without it."""
     cfg = copy.deepcopy(config)
-    for c in (cfg, cfg.get("text_config") or {}):
+    for c in (cfg, cfg.get("text_config") or {}, cfg.get("vision_config") or {}):
         c.pop("quantization_config", None)  # the source's FP8 description no longer applies
         for key in ("torch_dtype", "dtype"):
             if key in c:
                 c[key] = plan.dtype
     cfg.setdefault("torch_dtype", plan.dtype)
-    # This converter writes the text model only: promise no vision tower.
-    cfg.pop("vision_config", None)
+    if plan.vision:
+        projector = ModelArgs.from_dict(config).projector_hidden_size
+        if projector is not None:  # at the top, where the loader reads it whatever the source did
+            cfg["projector_hidden_size"] = projector
+    else:  # a text-only model: promise no vision tower
+        cfg.pop("vision_config", None)
+        cfg.pop("projector_hidden_size", None)
     q = quantization_config(plan)
     if q:
         cfg["quantization"] = q
@@ -820,11 +860,19 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
             q_group_size: Optional[int] = None, q_mode: str = "affine", dtype: Optional[str] = None,
             recipe: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None,
             shard_bytes: int = int(DEFAULT_SHARD_GB * (1 << 30)), chunk_elements: int = CHUNK_ELEMENTS,
-            progress: bool = True, log=print) -> ConvertResult:
+            progress: bool = True, log=print, vision_bits: Optional[int] = None,
+            drop_vision: bool = False) -> ConvertResult:
+    """Convert `hf_path` to an MLX model at `mlx_path` (see the module docstring).
+
+    vision_bits: the vision tower's Linear layers when quantising: 8 (8-bit affine, the
+    default) or 16 (unquantised, in the output dtype). drop_vision: a text-only model.
+    """
     t0 = time.time()
     out = Path(mlx_path).expanduser().absolute()
     _refuse_existing(out, overwrite)
-    policy = make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe)
+    if drop_vision and vision_bits is not None:
+        raise ConvertError("--vision-bits: nothing to set with --drop-vision; drop one of them")
+    policy = make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits)
     src = resolve_source(hf_path, revision)
     if out == src.resolve() or src.resolve() in out.parents or out in src.resolve().parents:
         raise ConvertError(f"--mlx-path {out} overlaps the source folder {src}")
@@ -833,8 +881,8 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     if dtype not in recipes.DTYPE_TAGS:
         raise ConvertError(f"--dtype {dtype}: choose from {', '.join(recipes.DTYPE_TAGS)}")
     args = ModelArgs.from_dict(config)
-    plan = plan_conversion(src, config, policy, dtype, shard_bytes, chunk_elements)
-    _note_source(plan, args, policy, log)
+    plan = plan_conversion(src, config, policy, dtype, shard_bytes, chunk_elements, drop_vision)
+    _note_source(plan, args, policy, drop_vision, log)
 
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -885,9 +933,9 @@ def _exclusive(lock: Path):
             lock.unlink()
 
 
-def make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe) -> Optional[Policy]:
+def make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits=None) -> Optional[Policy]:
     try:
-        return recipes.make_policy(quantize, q_bits, q_group_size, q_mode, recipe)
+        return recipes.make_policy(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits)
     except PolicyError as e:
         raise ConvertError(str(e)) from None
 
@@ -910,18 +958,29 @@ def _read_config(src: Path) -> dict:
     return config
 
 
-def _note_source(plan: Plan, args: ModelArgs, policy: Optional[Policy], log) -> None:
-    if plan.skipped:
-        vision = sum(1 for k in plan.skipped if k.startswith(VISION_PREFIXES))
-        log(f"skipping {vision} vision tensor(s) (no vision tower yet) and {len(plan.skipped) - vision} "
-            f"multi-token-prediction tensor(s) (unused)")
+def _note_source(plan: Plan, args: ModelArgs, policy: Optional[Policy], drop_vision: bool, log) -> None:
+    vision = sum(1 for k in plan.skipped if k.startswith(VISION_PREFIXES))
+    mtp = len(plan.skipped) - vision
+    if mtp:
+        log(f"skipping {mtp} multi-token-prediction tensor(s) (unused)")
+    if vision:
+        why = "--drop-vision" if drop_vision else "config.json has no vision_config"
+        log(f"leaving out {vision} vision tensor(s) ({why}): the output is a text-only model")
+    elif plan.vision:
+        n = sum(1 for p in plan.params.values() if recipes.category(p.name.rpartition(".")[0]) == "vision")
+        spec = policy.specs.get("vision") if policy else None
+        how = spec.label() if spec else f"unquantised {plan.dtype}"
+        log(f"keeping the vision tower ({n} tensors; Linear layers {how}; patch embedding and "
+            f"LayerNorms {plan.dtype})")
+    elif args.vision_config is not None and not drop_vision:
+        log("note: the source holds no vision tensors: the output is a text-only model")
     packed = [p for p in plan.params.values() if p.mx_packed]
     if packed and policy is None:
         log(f"note: the source is MXFP8; without -q or --recipe its {len(packed)} packed layer(s) are written "
             f"dequantised in {plan.dtype} (-q --q-mode mxfp8 keeps them packed, bit for bit)")
     unfit = [p.name for p in plan.params.values() if policy and p.spec is None and p.name.endswith(".weight")
-             and recipes.category(p.name.rpartition(".")[0]) not in (None, "router")
-             and len(p.shape) >= 2]
+             and p.name.rpartition(".")[0] in plan.quantisable
+             and policy.specs.get(recipes.category(p.name.rpartition(".")[0])) is not None]
     if unfit:
         log(f"note: {len(unfit)} layer(s) stay in {plan.dtype}: their input width is not a multiple of the "
             f"group size, e.g. {unfit[0]}")
@@ -973,7 +1032,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "streaming one expert or row block at a time.")
     p.add_argument("--hf-path", "--model", help="checkpoint folder, or a Hugging Face repo id to download")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantise every layer but the router")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantise every layer but the router (the vision tower: see --vision-bits)")
     p.add_argument("--q-bits", type=int, default=None, help="bits per weight (default: 4, mxfp8: 8)")
     p.add_argument("--q-group-size", type=int, default=None,
                    help="group size (default: affine 64, mxfp4/mxfp8 32, nvfp4 16); also applies to --recipe")
@@ -981,6 +1041,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=list(recipes.DTYPE_TAGS),
                    help="dtype of unquantised tensors and affine scales (default: the config's)")
     p.add_argument("--recipe", default=None, choices=list(recipes.RECIPES), help="mixed-precision recipe")
+    p.add_argument("--vision-bits", type=int, default=None, choices=list(recipes.VISION_BITS),
+                   help="the vision tower's Linear layers when quantising: 8 = 8-bit affine (default), "
+                        "16 = unquantised in --dtype; its patch embedding and LayerNorms are never quantised")
+    p.add_argument("--drop-vision", action="store_true",
+                   help="leave the vision tower out: a text-only model (no vision_config in its config)")
     p.add_argument("--list-recipes", action="store_true",
                    help="print each recipe's size for the real model (or for --hf-path's config) and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --mlx-path")
@@ -994,28 +1059,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         if opts.list_recipes:
-            print(list_recipes(opts.hf_path, opts.dtype, opts.q_group_size))
+            print(list_recipes(opts.hf_path, opts.dtype, opts.q_group_size, opts.vision_bits, opts.drop_vision))
             return 0
         if not opts.hf_path:
             raise ConvertError("--hf-path is required")
         convert(opts.hf_path, opts.mlx_path, quantize=opts.quantize, q_bits=opts.q_bits,
                 q_group_size=opts.q_group_size, q_mode=opts.q_mode, dtype=opts.dtype, recipe=opts.recipe,
                 overwrite=opts.overwrite, revision=opts.revision,
-                shard_bytes=int(opts.shard_size_gb * (1 << 30)), progress=not opts.no_progress)
-    except (ConvertError, CheckpointError, ConfigError) as e:
+                shard_bytes=int(opts.shard_size_gb * (1 << 30)), progress=not opts.no_progress,
+                vision_bits=opts.vision_bits, drop_vision=opts.drop_vision)
+    except (ConvertError, CheckpointError, ConfigError, PolicyError) as e:
         print(f"minimax-m3 convert: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def list_recipes(hf_path: Optional[str], dtype: Optional[str], group_size: Optional[int]) -> str:
+def list_recipes(hf_path: Optional[str], dtype: Optional[str], group_size: Optional[int],
+                 vision_bits: Optional[int] = None, drop_vision: bool = False) -> str:
     if hf_path:  # a repo id: its config.json alone is enough
         config = _read_config(resolve_source(hf_path, allow_patterns=["config.json"]))
         what = f"the model at {hf_path}"
     else:
         config = recipes.load_config(recipes.REAL_CONFIG)
         what = "MiniMax-M3 (428B; configs/minimax_m3.json)"
-    return f"Recipes, sized for {what}:\n" + recipes.format_recipes(config, dtype, group_size)
+    try:
+        table = recipes.format_recipes(config, dtype, group_size, vision_bits, drop_vision)
+    except PolicyError as e:
+        raise ConvertError(str(e)) from None
+    return f"Recipes, sized for {what}:\n" + table
 
 
 if __name__ == "__main__":

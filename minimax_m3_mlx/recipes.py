@@ -8,6 +8,12 @@ and everything else (attention, index projections, shared expert, dense MLPs,
 embeddings, lm_head: ~13e9 parameters) can afford 6 bits. The router (gate weight and
 e_score_correction_bias) is never quantised: expert choice flips on small errors.
 
+The vision tower (vision_tower.*, multi_modal_projector.*: ~0.87e9 parameters) is its own
+category, kept at 8 bits or above in every policy: 8-bit affine by default (VISION_BITS),
+or unquantised in the float dtype (`--vision-bits 16`). Its patch embedding (a 5-D conv
+weight) and LayerNorms are never quantised. A text-only conversion (`--drop-vision`, or a
+source without vision tensors) simply has no modules in that category.
+
 `estimate_size` computes a converted model's bytes from a config alone (no weights),
 module by module as the converter writes them, safetensors headers included, so that
 `--list-recipes` can say what the real model weighs before anything is downloaded.
@@ -38,7 +44,11 @@ DTYPE_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 TAG_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "U8": 1}
 
 # Module categories, in the order recipes and summaries list them.
-CATEGORIES = ("experts", "attention", "index", "shared", "dense", "embed", "lm_head", "router")
+CATEGORIES = ("experts", "attention", "index", "shared", "dense", "embed", "lm_head", "router", "vision")
+VISION_MODULES = ("vision_tower.", "multi_modal_projector.")  # this package's names
+# --vision-bits: 8 = 8-bit affine (the default), 16 = unquantised (the output float dtype).
+VISION_BITS = (8, 16)
+DEFAULT_VISION_BITS = 8
 
 
 class PolicyError(ValueError):
@@ -91,6 +101,8 @@ class QuantSpec:
 
 def category(path: str) -> Optional[str]:
     """The part of the model a module path belongs to (this package's parameter names)."""
+    if path.startswith(VISION_MODULES):  # before the text rules: the tower has self_attn and mlp too
+        return "vision"
     if path.endswith("embed_tokens"):
         return "embed"
     if path.endswith("lm_head"):
@@ -134,17 +146,39 @@ class Policy:
         specs = {c: QuantSpec.make(s.bits, group_size, s.mode) for c, s in self.specs.items()}
         return replace(self, specs=specs)
 
+    def with_vision_bits(self, bits: int) -> "Policy":
+        """The same policy with the vision tower at `bits` (8: 8-bit affine; 16: unquantised)."""
+        if bits not in VISION_BITS:
+            raise PolicyError(f"--vision-bits {bits}: choose 8 (8-bit affine) or 16 (unquantised)")
+        specs = {c: s for c, s in self.specs.items() if c != "vision"}
+        if bits == 8:
+            text = [s for s in specs.values() if s.mode == "affine"]
+            specs["vision"] = vision_spec(text[0].group_size if text else None)
+        return replace(self, specs=specs)
+
+
+def vision_spec(group_size: Optional[int] = None) -> QuantSpec:
+    """8-bit affine for the vision tower's Linear layers: the text's affine group size, else 64.
+
+    Affine rather than mxfp8 even in an mxfp8/mxfp4/nvfp4 conversion: mxfp8's e4m3 elements
+    carry 3 mantissa bits, affine 8-bit 8 bits per group; the tower is too small to matter.
+    """
+    allowed = MODE_LIMITS["affine"][1]
+    return QuantSpec.make(8, group_size if group_size in allowed else MODE_DEFAULTS["affine"][0], "affine")
+
 
 def uniform_policy(bits: Optional[int], group_size: Optional[int], mode: str) -> Policy:
     """`-q`: one spec for every quantisable module (the router excepted)."""
     spec = QuantSpec.make(bits, group_size, mode)
-    specs = {c: spec for c in CATEGORIES if c != "router"}
+    specs = {c: spec for c in CATEGORIES if c not in ("router", "vision")}
+    specs["vision"] = vision_spec(spec.group_size if mode == "affine" else None)
     return Policy(f"q-{spec.label().replace(' ', '-')}", f"{spec.label()} everywhere", specs)
 
 
 def _mixed(name: str, expert_bits: int, other_bits: int, mac_gb: int, summary: str) -> Policy:
-    specs = {c: QuantSpec.make(other_bits, 64) for c in CATEGORIES if c != "router"}
+    specs = {c: QuantSpec.make(other_bits, 64) for c in CATEGORIES if c not in ("router", "vision")}
     specs["experts"] = QuantSpec.make(expert_bits, 64)
+    specs["vision"] = vision_spec(64)
     return Policy(name, summary, specs, mac_gb)
 
 
@@ -161,8 +195,16 @@ RECIPES: Dict[str, Policy] = {
 
 
 def make_policy(quantize: bool = False, bits: Optional[int] = None, group_size: Optional[int] = None,
-                mode: str = "affine", recipe: Optional[str] = None) -> Optional[Policy]:
-    """The policy the convert flags ask for; None when nothing is quantised (only --dtype applies)."""
+                mode: str = "affine", recipe: Optional[str] = None,
+                vision_bits: Optional[int] = None) -> Optional[Policy]:
+    """The policy the convert flags ask for; None when nothing is quantised (only --dtype applies).
+
+    vision_bits (default DEFAULT_VISION_BITS): the vision tower's Linear layers at 8-bit affine
+    (8) or unquantised (16); it only matters when something is quantised.
+    """
+    if vision_bits is not None and vision_bits not in VISION_BITS:
+        raise PolicyError(f"--vision-bits {vision_bits}: choose 8 (8-bit affine) or 16 (unquantised)")
+    vision_bits = DEFAULT_VISION_BITS if vision_bits is None else vision_bits
     if recipe is not None:
         if recipe not in RECIPES:
             raise PolicyError(f"--recipe {recipe!r}: unknown; choose from {', '.join(RECIPES)}")
@@ -170,12 +212,12 @@ def make_policy(quantize: bool = False, bits: Optional[int] = None, group_size: 
             raise PolicyError("--q-bits: a recipe sets the bits of each part; drop --q-bits or --recipe")
         if mode != "affine":
             raise PolicyError(f"--q-mode {mode}: recipes are affine; drop --q-mode or --recipe")
-        return RECIPES[recipe].with_group_size(group_size)
+        return RECIPES[recipe].with_group_size(group_size).with_vision_bits(vision_bits)
     if not quantize:
         if bits is not None or group_size is not None or mode != "affine":
             raise PolicyError("--q-bits/--q-group-size/--q-mode need -q (or --recipe)")
         return None
-    return uniform_policy(bits, group_size, mode)
+    return uniform_policy(bits, group_size, mode).with_vision_bits(vision_bits)
 
 
 # -- sizes -----------------------------------------------------------------------------------------
@@ -231,36 +273,53 @@ def header_bytes(tensors: Dict[str, Tuple[Tuple[int, ...], str]], n_shards: int 
     return entries + per_shard * n_shards
 
 
-def lazy_model(config: dict):
-    """The model built lazily (no parameter memory until evaluated) for shapes and module types."""
+def lazy_model(config: dict, vision: bool = False):
+    """The model built lazily (no parameter memory until evaluated) for shapes and module types;
+    with `vision`, its vision tower and projector too (the config must have a vision_config)."""
     from .config import ModelArgs
     from .model import Model
 
-    return Model(ModelArgs.from_dict(config))
+    model = Model(ModelArgs.from_dict(config))
+    if vision:
+        model.build_vision()
+    return model
 
 
-def model_layout(config: dict) -> Tuple[Dict[str, Tuple[int, ...]], List[str]]:
-    """(parameter name -> shape, quantisable module paths) of the model a config describes."""
-    shapes, quantisable = _model_layout(json.dumps(config, sort_keys=True))
+def has_vision_config(config: dict) -> bool:
+    return bool(config.get("vision_config"))
+
+
+def model_layout(config: dict, vision: bool = False) -> Tuple[Dict[str, Tuple[int, ...]], List[str]]:
+    """(parameter name -> shape, quantisable module paths) of the model a config describes:
+    the text model, plus the vision tower and projector with `vision`."""
+    shapes, quantisable = _model_layout(json.dumps(config, sort_keys=True), bool(vision))
     return dict(shapes), list(quantisable)
 
 
-@functools.lru_cache(maxsize=4)
-def _model_layout(config_json: str):
+@functools.lru_cache(maxsize=8)
+def _model_layout(config_json: str, vision: bool):
     from mlx.utils import tree_flatten
 
-    model = lazy_model(json.loads(config_json))
+    model = lazy_model(json.loads(config_json), vision)
     shapes = tuple((k, tuple(v.shape)) for k, v in tree_flatten(model.parameters()))
     predicate = model.quant_predicate
+    # Model.quant_predicate takes every Linear; the policy decides the vision layers' bits
+    # (category "vision"). The patch embedding is a plain Module and LayerNorms have no
+    # to_quantized, so neither is ever listed here.
     quantisable = tuple(p for p, m in model.named_modules() if p and predicate(p, m))
     return shapes, quantisable
 
 
 def estimate_size(config: dict, policy: Optional[Policy], dtype: Optional[str] = None,
-                  shard_bytes: int = 5 << 30) -> SizeEstimate:
-    """Bytes of the converted model `config` describes under `policy` (None: unquantised)."""
+                  shard_bytes: int = 5 << 30, vision: Optional[bool] = None) -> SizeEstimate:
+    """Bytes of the converted model `config` describes under `policy` (None: unquantised).
+
+    vision: count the vision tower (default: when the config has a vision_config, as a
+    conversion of a release keeps it); False for a text-only conversion.
+    """
     dtype = dtype or config_dtype(config)
-    shapes, quantisable = model_layout(config)
+    vision = has_vision_config(config) if vision is None else bool(vision)
+    shapes, quantisable = model_layout(config, vision)
     tensors = output_tensors(shapes, quantisable, policy, dtype)
     tensor_bytes = sum(nbytes(s, t) for s, t in tensors.values())
     n_shards = max(1, -(-tensor_bytes // shard_bytes))
@@ -295,21 +354,33 @@ def load_config(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def format_recipes(config: dict, dtype: Optional[str] = None, group_size: Optional[int] = None) -> str:
+def format_recipes(config: dict, dtype: Optional[str] = None, group_size: Optional[int] = None,
+                   vision_bits: Optional[int] = None, drop_vision: bool = False) -> str:
     """The --list-recipes table: each recipe's size for the model `config` describes.
 
     "spare" is what the Mac it is named for keeps for the KV cache (~134 KiB per token of
     context at bf16 for the real model) and macOS; macOS lets the GPU wire about 75% of
-    memory by default (raise it with `sudo sysctl iogpu.wired_limit_mb=...`).
+    memory by default (raise it with `sudo sysctl iogpu.wired_limit_mb=...`). The sizes
+    include the vision tower (from the config's vision_config) unless `drop_vision`.
     """
     dtype = dtype or config_dtype(config)
-    rows = [("(none)", estimate_size(config, None, dtype), "-", f"unquantised {dtype}")]
-    for name, policy in RECIPES.items():
-        est = estimate_size(config, policy.with_group_size(group_size), dtype)
+    vision = has_vision_config(config) and not drop_vision
+    vision_bits = DEFAULT_VISION_BITS if vision_bits is None else vision_bits
+    rows = [("(none)", estimate_size(config, None, dtype, vision=vision), "-", f"unquantised {dtype}")]
+    for name in RECIPES:
+        policy = make_policy(recipe=name, group_size=group_size, vision_bits=vision_bits)
+        est = estimate_size(config, policy, dtype, vision=vision)
         spare = policy.mac_gb - est.file_bytes / 2**30
         rows.append((name, est, f"{policy.mac_gb} GiB Mac, {spare:.0f} GiB spare", policy.summary))
     lines = [f"{'recipe':<11} {'GB':>7} {'GiB':>7} {'bits/w':>6}  {'fits':<27} what"]
     for name, est, fits, what in rows:
         lines.append(f"{name:<11} {est.file_bytes / 1e9:>7.1f} {est.file_bytes / 2**30:>7.1f} "
                      f"{est.bits_per_weight:>6.2f}  {fits:<27} {what}")
+    if vision:
+        n, b = rows[1][1].by_category.get("vision", (0, 0))
+        how = "8-bit affine" if vision_bits == 8 else f"unquantised {dtype}"
+        lines.append(f"All sizes include the vision tower ({n / 1e9:.2f}e9 parameters, {b / 1e9:.2f} GB {how} "
+                     f"in each recipe; --vision-bits 8|16 sets its precision, --drop-vision leaves it out).")
+    elif has_vision_config(config):
+        lines.append("Text only (--drop-vision): the vision tower is left out.")
     return "\n".join(lines)

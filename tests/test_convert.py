@@ -306,6 +306,16 @@ def test_list_recipes_sizes_the_real_model(capsys):
     assert sizes["mac-192gb"] < sizes["mac-256gb"] < sizes["mac-512gb"]
     for name, p in recipes.RECIPES.items():
         assert sizes[name] < 0.8 * p.mac_gb * 2**30 / 1e9, f"{name} leaves no room for the KV cache and macOS"
+    # The sizes count the vision tower (real vision_config: ~0.87e9 parameters, 8-bit affine g64
+    # ~0.92 GB in every recipe); --drop-vision leaves it out.
+    assert "include the vision tower" in text
+    text_only = {n: recipes.estimate_size(real, p, vision=False).file_bytes / 1e9 for n, p in recipes.RECIPES.items()}
+    for name in sizes:
+        assert 0.85 < sizes[name] - text_only[name] < 1.0, (name, sizes[name], text_only[name])
+    assert conv.main(["--list-recipes", "--drop-vision"]) == 0
+    text = capsys.readouterr().out
+    for name, gb in text_only.items():
+        assert any(line.startswith(name) and f" {gb:.1f} " in line for line in text.splitlines()), name
 
 
 # -- safety ------------------------------------------------------------------------------------------------
@@ -466,6 +476,9 @@ def test_cli_errors_and_success(store, tmp_path, capsys):
     assert "bits/weight" in capsys.readouterr().out
     assert main(["convert", "--hf-path", src, "--mlx-path", str(tmp_path / "a"), "-q"]) == 1
     assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: only 8 or 16
+        main(["convert", "--hf-path", src, "--mlx-path", str(tmp_path / "b"), "-q", "--vision-bits", "4"])
+    assert "--vision-bits" in capsys.readouterr().err
 
 
 def test_repo_id_goes_through_snapshot_download(store, tmp_path, monkeypatch):
@@ -508,3 +521,187 @@ def test_tokenizer_and_chat_template_copied_and_mlx_lm_generate_runs_ours(store,
     text = res.stdout.split("==========")[1].strip("\n")
     assert text == expected
     assert "Generation:" in res.stdout
+
+
+# -- the vision tower ----------------------------------------------------------------------------------------
+VISION_FLAGS = dict(recipe="mac-512gb", q_group_size=32)  # 4-bit everywhere in the text model
+
+
+class VisionSources:
+    """A tiny checkpoint with every vision tensor random (test_vision's case) in several layouts.
+
+    projector_hidden_size 64 (test_vision uses 48) so that every vision Linear's input width
+    is a multiple of the group size 32 and all of them can be quantised.
+    """
+
+    def __init__(self, root: Path):
+        from test_vision import random_vision_weights, vision_config
+
+        self.root = root
+        self.config = vision_config()
+        self.config["projector_hidden_size"] = 64
+        self.text = synthetic.random_weights(self.config, seed=3)
+        _, init = build_reference(self.config, self.text)
+        self.vision = random_vision_weights(init, seed=4)
+        self.paths, self.features = {}, {}
+
+    def source(self, layout: str) -> Path:
+        """'original' (published vision names), 'resave' (transformers names), or 'fp8-vision':
+        the FP8 128x128-style layout with a vision fc1 FP8-quantised too."""
+        if layout not in self.paths:
+            path = self.root / f"vsrc-{layout}"
+            weights = {**self.text, **self.vision}
+            if layout != "fp8-vision":
+                synthetic.write_checkpoint(path, self.config, weights, layout, shard_bytes=150_000)
+            else:
+                tensors, cfg, _ = synthetic.layout_tensors(self.config, weights, "fp8", FP8_BLOCK)
+                name = "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"
+                q, s, _ = synthetic.quantize_fp8_blocks(tensors[name][0], FP8_BLOCK)
+                tensors[name] = (q, "F8_E4M3")
+                tensors[name.replace(".weight", ".weight_scale_inv")] = (s, "F32")
+                path.mkdir()
+                synthetic.write_safetensors(path / "model.safetensors", tensors)
+                (path / "config.json").write_text(json.dumps(cfg))
+            self.paths[layout] = path
+        return self.paths[layout]
+
+    def features_of(self, layout: str, bits: int = 16) -> np.ndarray:
+        """The image features of the source loaded as it is (float32; FP8 dequantised exactly),
+        or with its vision Linear layers quantised in memory by nn.quantize (8-bit affine g32)."""
+        if (layout, bits) not in self.features:
+            from minimax_m3_mlx.vision import encode_grids
+            from test_vision import media
+
+            model = load_model(self.source(layout))[0]
+            if bits != 16:
+                nn.quantize(model, group_size=32, bits=bits,
+                            class_predicate=lambda p, m: p.startswith(("vision_tower.", "multi_modal_projector."))
+                            and hasattr(m, "to_quantized"))
+            img, img_grid, _, _ = media()
+            self.features[(layout, bits)] = np.array(encode_grids(model, img, img_grid))
+        return self.features[(layout, bits)]
+
+
+@pytest.fixture(scope="module")
+def vision_sources(tmp_path_factory):
+    return VisionSources(tmp_path_factory.mktemp("vision"))
+
+
+def vision_linears(model) -> dict:
+    return {p: m for p, m in model.named_modules()
+            if p.startswith(("vision_tower.", "multi_modal_projector."))
+            and isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+
+
+@pytest.mark.parametrize("layout,vision_bits,chunk", [("original", 8, None), ("resave", 8, None),
+                                                      ("fp8-vision", 8, 512), ("original", 16, None)])
+def test_vision_tower_kept_at_8_bits_or_unquantised(vision_sources, layout, vision_bits, chunk, tmp_path):
+    """4-bit text, vision Linear layers 8-bit affine (or unquantised with --vision-bits 16); the patch
+    embedding and LayerNorms float; both loaders build the tower; features near the unquantised ones."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from minimax_m3_mlx.vision import encode_grids
+    from test_vision import media
+
+    out = tmp_path / "out"
+    extra = {"chunk_elements": chunk} if chunk else {}  # 512: vision matrices in row blocks (FP8 blocks whole)
+    r = conv.convert(str(vision_sources.source(layout)), str(out), vision_bits=vision_bits, shard_bytes=60_000,
+                     **VISION_FLAGS, **extra, **QUIET)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"] == vision_sources.config["vision_config"]
+    assert config["projector_hidden_size"] == 64
+    t = file_tensors(out)
+    patch = t["vision_tower.embeddings.proj.weight"]
+    assert patch.dtype == mx.float32 and patch.ndim == 5 and patch.shape[-4:] == (3, 2, 14, 14)  # 1176 wide
+    assert t["vision_tower.layers.0.layer_norm1.weight"].dtype == mx.float32
+    assert "vision_tower.embeddings.proj.scales" not in t and "vision_tower.pre_layrnorm.scales" not in t
+    q = config["quantization"]
+    assert (q["bits"], q["group_size"]) == (4, 32)
+    # the size estimate counts the tower (2% check; the tensor bytes exactly)
+    policy = recipes.make_policy(recipe="mac-512gb", group_size=32, vision_bits=vision_bits)
+    est = recipes.estimate_size(vision_sources.config, policy, "float32", shard_bytes=60_000)
+    files = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert abs(est.file_bytes - files) / files < 0.02 and est.tensor_bytes == r.tensor_bytes
+    assert est.params == r.params and est.by_category["vision"][0] > 0
+
+    img, img_grid, _, _ = media()
+    want = vision_sources.features_of(layout)
+    feats = []
+    for model in (load_model(out)[0],
+                  mlx_lm_load_model(out, get_model_classes=minimax_m3_mlx.get_model_classes,
+                                    model_config={"model_file": None})[0]):
+        assert model.has_vision
+        linears = vision_linears(model)
+        assert len(linears) == 2 * 6 + 4  # q/k/v/out, fc1/fc2 per layer; the projector's four
+        for path, m in linears.items():
+            if vision_bits == 8:
+                assert isinstance(m, nn.QuantizedLinear) and (m.bits, m.group_size, m.mode) == (8, 32, "affine"), path
+            else:
+                assert type(m) is nn.Linear and m.weight.dtype == mx.float32, path
+        assert type(model.vision_tower.embeddings.proj.weight) is mx.array
+        assert model.vision_tower.embeddings.proj.weight.shape == patch.shape
+        assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+        assert model.layers[0].self_attn.q_proj.bits == 4
+        feats.append(np.array(encode_grids(model, img, img_grid)))
+    np.testing.assert_array_equal(feats[0], feats[1])
+    err = rel_err(feats[0], want)
+    if vision_bits == 8:  # and no worse than nn.quantize on the same weights in memory
+        base = rel_err(vision_sources.features_of(layout, 8), want)
+        print(f"\n{layout:10} vision 8-bit g32 (text 4-bit g32): feature rel err {err:.2e} "
+              f"(nn.quantize {base:.2e}), {r.bits_per_weight:.2f} bits/weight")
+        assert 1e-4 < err < 2e-2 and err <= 1.05 * base
+    else:
+        assert err < 1e-6
+
+
+def test_unquantised_conversion_keeps_the_multimodal_model_exact(vision_sources, tmp_path):
+    """No -q: the converted folder's logits on a prompt with two images and a video equal
+    transformers' reference (float32, 1e-4), as the source's do (tests/test_vision.py)."""
+    from test_vision import media, ours_logits, prompt, reference_logits
+
+    out = tmp_path / "out"
+    conv.convert(str(vision_sources.source("resave")), str(out), **QUIET)
+    reference, _ = build_reference(vision_sources.config, {**vision_sources.text, **vision_sources.vision})
+    img, img_grid, vid, vid_grid = media()
+    ids = prompt()
+    ref = reference_logits(reference, ids, img, img_grid, vid, vid_grid)
+    err = rel_err(ours_logits(load_model(out)[0], ids, img, img_grid, vid, vid_grid), ref)
+    assert err < 1e-4, f"rel err {err:.2e}"
+
+
+def test_drop_vision_gives_a_text_only_model(vision_sources, tmp_path):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    src = vision_sources.source("original")
+    out = tmp_path / "out"
+    logs = []
+    r = conv.convert(str(src), str(out), drop_vision=True, **VISION_FLAGS, progress=False, log=logs.append)
+    assert any("--drop-vision" in line for line in logs)
+    config = json.loads((out / "config.json").read_text())
+    assert "vision_config" not in config and "projector_hidden_size" not in config
+    t = file_tensors(out)
+    assert not [k for k in t if k.startswith(("vision_tower", "multi_modal_projector"))]
+    assert not [k for k in config["quantization"] if k.startswith(("vision_tower", "multi_modal_projector"))]
+    for model in (load_model(out)[0],
+                  mlx_lm_load_model(out, get_model_classes=minimax_m3_mlx.get_model_classes,
+                                    model_config={"model_file": None})[0]):
+        assert not model.has_vision
+    policy = recipes.make_policy(recipe="mac-512gb", group_size=32)
+    est = recipes.estimate_size(vision_sources.config, policy, "float32", vision=False)
+    assert est.tensor_bytes == r.tensor_bytes and "vision" not in est.by_category
+    with pytest.raises(conv.ConvertError, match="--vision-bits"):
+        conv.convert(str(src), str(tmp_path / "x"), drop_vision=True, vision_bits=8, **VISION_FLAGS, **QUIET)
+    # vision tensors beside a config without vision_config are left out, as the loader does
+    cfg_less = _copy(src, tmp_path / "src")
+    cfg = json.loads((cfg_less / "config.json").read_text())
+    del cfg["vision_config"]
+    (cfg_less / "config.json").write_text(json.dumps(cfg))
+    conv.convert(str(cfg_less), str(tmp_path / "out2"), **VISION_FLAGS, **QUIET)
+    assert not [k for k in file_tensors(tmp_path / "out2") if k.startswith("vision_tower")]
+
+
+def test_missing_vision_tensor_is_named(vision_sources, tmp_path):
+    weights = {**vision_sources.text, **vision_sources.vision}
+    del weights["model.multi_modal_projector.merge_linear_1.bias"]
+    synthetic.write_checkpoint(tmp_path / "src", vision_sources.config, weights, "resave")
+    _convert_fails(tmp_path / "src", tmp_path / "out", r"lacks 1 tensor.*multi_modal_projector\.merge_linear_1\.bias")
