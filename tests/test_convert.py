@@ -415,36 +415,41 @@ def test_index_naming_a_missing_file_is_named(store, tmp_path):
     _convert_fails(src, tmp_path / "out", f"names shard.*{shard.name}")
 
 
-def test_missing_tensor_is_named(store, tmp_path):
+def _drop_from_shard(src, name):
+    """Delete tensor `name` from its shard (the index still names it); returns the shard."""
     from safetensors.numpy import load_file, save_file
 
-    src = _copy(store.source("original"), tmp_path / "src")
     index = json.loads((src / "model.safetensors.index.json").read_text())
-    name = "language_model.model.layers.2.self_attn.k_proj.weight"
     shard = src / index["weight_map"][name]
     tensors = load_file(str(shard))
     del tensors[name]
     save_file(tensors, str(shard))
+    return shard
+
+
+def _drop_from_index(src, name):
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][name]
+    index_path.write_text(json.dumps(index))
+
+
+def test_missing_tensor_is_named(store, tmp_path):
+    src = _copy(store.source("original"), tmp_path / "src")
+    name = "language_model.model.layers.2.self_attn.k_proj.weight"
+    shard = _drop_from_shard(src, name)
     # the index still places it there: the shard is named
     _convert_fails(src, tmp_path / "out", f"{shard.name}.*{name}")
     # gone from the index too: the tensor is named
-    del index["weight_map"][name]
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _drop_from_index(src, name)
     _convert_fails(src, tmp_path / "out", f"lacks 1 tensor.*{name}")
 
 
 def test_missing_expert_is_named(store, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     src = _copy(store.source("original"), tmp_path / "src")
-    index = json.loads((src / "model.safetensors.index.json").read_text())
     name = "language_model.model.layers.3.block_sparse_moe.experts.5.w3.weight"
-    shard = src / index["weight_map"][name]
-    tensors = load_file(str(shard))
-    del tensors[name]
-    save_file(tensors, str(shard))
-    del index["weight_map"][name]
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _drop_from_shard(src, name)
+    _drop_from_index(src, name)
     _convert_fails(src, tmp_path / "out", r"layers\.3\.mlp\.switch_mlp\.up_proj.*rows 5\.\.6")
 
 
