@@ -417,11 +417,11 @@ def media_files(folder, seed=7):
 def test_prepare_with_transformers_processors(case, loaded, tmp_path):
     """Files -> transformers' MiniMax-M3 processors -> our embeddings -> the reference's logits
     on the same processor outputs."""
-    from PIL import Image
-
     from minimax_m3_mlx import multimodal
 
     _processors_or_skip()
+    from PIL import Image
+
     synthetic.write_checkpoint(tmp_path, case.config, case.text, "original")  # config + tokenizer
     processor = multimodal.load_processor(tmp_path)
     paths, video = media_files(tmp_path)
