@@ -55,11 +55,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import recipes
+from .cli import positive_float, positive_int
 from .checkpoint import (
     DROPPED_PREFIXES, MX_BLOCK, VISION_PREFIXES, CheckpointError, _quant_block, dequantize_fp8_blocks,
     read_safetensors_header, sanitize_tensors, weight_files,
 )
-from .config import ConfigError, ModelArgs
+from .config import ModelArgs
 from .recipes import Policy, PolicyError, QuantSpec
 from .vision import _resolve_fp8 as resolve_vision_fp8, sanitize_vision
 
@@ -861,11 +862,12 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
             recipe: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None,
             shard_bytes: int = int(DEFAULT_SHARD_GB * (1 << 30)), chunk_elements: int = CHUNK_ELEMENTS,
             progress: bool = True, log=print, vision_bits: Optional[int] = None,
-            drop_vision: bool = False) -> ConvertResult:
+            drop_vision: bool = False, tokenizer: Optional[str] = None) -> ConvertResult:
     """Convert `hf_path` to an MLX model at `mlx_path` (see the module docstring).
 
     vision_bits: the vision tower's Linear layers when quantising: 8 (8-bit affine, the
     default) or 16 (unquantised, in the output dtype). drop_vision: a text-only model.
+    tokenizer: a folder to take the tokenizer files from (default: the source's own).
     """
     t0 = time.time()
     out = Path(mlx_path).expanduser().absolute()
@@ -874,6 +876,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
         raise ConvertError("--vision-bits: nothing to set with --drop-vision; drop one of them")
     policy = make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits)
     src = resolve_source(hf_path, revision)
+    tokenizer_src = _tokenizer_source(src, tokenizer)
     if out == src.resolve() or src.resolve() in out.parents or out in src.resolve().parents:
         raise ConvertError(f"--mlx-path {out} overlaps the source folder {src}")
     config = _read_config(src)
@@ -887,14 +890,14 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     with _exclusive(out.parent / f".{out.name}.lock"):
-        result = _write(src, out, tmp, config, args, plan, overwrite, progress, log)
+        result = _write(src, out, tmp, config, args, plan, overwrite, progress, log, tokenizer_src)
     result.seconds = time.time() - t0
     log(summary(result, plan))
     return result
 
 
 def _write(src: Path, out: Path, tmp: Path, config: dict, args: ModelArgs, plan: Plan, overwrite: bool,
-           progress: bool, log) -> "ConvertResult":
+           progress: bool, log, tokenizer_src: Optional[Path] = None) -> "ConvertResult":
     """Write (or finish) the partial folder, then move it into place."""
     manifest, done = Manifest.resume(tmp, plan.digest(weight_files(src), config), plan, log)
     if done:
@@ -910,11 +913,25 @@ def _write(src: Path, out: Path, tmp: Path, config: dict, args: ModelArgs, plan:
     write_index(tmp, plan)
     (tmp / "config.json").write_text(json.dumps(output_config(config, plan), indent=4))
     (tmp / MODEL_FILE).write_text(MODEL_FILE_TEXT)
-    copy_tokenizer(src, tmp)
+    copy_tokenizer(tokenizer_src or src, tmp)
     (tmp / MANIFEST).unlink()
     _publish(tmp, out, overwrite)
     return ConvertResult(out, sum(s.size for s in plan.shards), plan.tensor_bytes, plan.n_params, len(plan.shards),
                          len(done), items_run, 0.0)
+
+
+def _tokenizer_source(src: Path, tokenizer: Optional[str]) -> Path:
+    """The folder the output's tokenizer comes from; checked now, because an output without
+    one converts for an hour and then does not load."""
+    folder = Path(tokenizer).expanduser() if tokenizer else src
+    if tokenizer and not folder.is_dir():
+        raise ConvertError(f"--tokenizer {tokenizer}: not a folder")
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if tokenizer:
+            raise ConvertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise ConvertError(f"{src} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the output "
+                           f"would not load: pass --tokenizer FOLDER, a folder holding the model's tokenizer")
+    return folder
 
 
 @contextlib.contextmanager
@@ -1034,8 +1051,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("-q", "--quantize", action="store_true",
                    help="quantise every layer but the router (the vision tower: see --vision-bits)")
-    p.add_argument("--q-bits", type=int, default=None, help="bits per weight (default: 4, mxfp8: 8)")
-    p.add_argument("--q-group-size", type=int, default=None,
+    p.add_argument("--q-bits", type=positive_int, default=None, help="bits per weight (default: 4, mxfp8: 8)")
+    p.add_argument("--q-group-size", type=positive_int, default=None,
                    help="group size (default: affine 64, mxfp4/mxfp8 32, nvfp4 16); also applies to --recipe")
     p.add_argument("--q-mode", default="affine", choices=list(recipes.MODE_DEFAULTS), help="quantisation mode")
     p.add_argument("--dtype", default=None, choices=list(recipes.DTYPE_TAGS),
@@ -1050,27 +1067,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print each recipe's size for the real model (or for --hf-path's config) and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--revision", default=None, help="repo revision to download")
-    p.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_GB, help="output shard size (GiB)")
+    p.add_argument("--shard-size-gb", type=positive_float, default=DEFAULT_SHARD_GB, help="output shard size (GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tokenizer", default=None,
+                   help="take the tokenizer files from this folder (for a source that has none)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = build_parser().parse_args(argv)
-    try:
-        if opts.list_recipes:
-            print(list_recipes(opts.hf_path, opts.dtype, opts.q_group_size, opts.vision_bits, opts.drop_vision))
-            return 0
-        if not opts.hf_path:
-            raise ConvertError("--hf-path is required")
-        convert(opts.hf_path, opts.mlx_path, quantize=opts.quantize, q_bits=opts.q_bits,
-                q_group_size=opts.q_group_size, q_mode=opts.q_mode, dtype=opts.dtype, recipe=opts.recipe,
-                overwrite=opts.overwrite, revision=opts.revision,
-                shard_bytes=int(opts.shard_size_gb * (1 << 30)), progress=not opts.no_progress,
-                vision_bits=opts.vision_bits, drop_vision=opts.drop_vision)
-    except (ConvertError, CheckpointError, ConfigError, PolicyError) as e:
-        print(f"minimax-m3 convert: error: {e}", file=sys.stderr)
-        return 1
+    """Errors (ConvertError and the rest) and Ctrl-C are reported by cli.main as one line."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if opts.list_recipes:
+        print(list_recipes(opts.hf_path, opts.dtype, opts.q_group_size, opts.vision_bits, opts.drop_vision))
+        return 0
+    if not opts.hf_path:
+        parser.error("--hf-path is required")
+    convert(opts.hf_path, opts.mlx_path, quantize=opts.quantize, q_bits=opts.q_bits,
+            q_group_size=opts.q_group_size, q_mode=opts.q_mode, dtype=opts.dtype, recipe=opts.recipe,
+            overwrite=opts.overwrite, revision=opts.revision,
+            shard_bytes=max(1, int(opts.shard_size_gb * (1 << 30))), progress=not opts.no_progress,
+            vision_bits=opts.vision_bits, drop_vision=opts.drop_vision, tokenizer=opts.tokenizer)
     return 0
 
 
@@ -1090,4 +1107,6 @@ def list_recipes(hf_path: Optional[str], dtype: Optional[str], group_size: Optio
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["convert", *sys.argv[1:]]))

@@ -790,8 +790,8 @@ def inspect_checkpoint(path) -> CheckpointInfo:
     from .model import Model
 
     path = resolve_path(path)
+    args = ModelArgs.from_file(path)  # a missing or broken config.json, named
     config = json.loads((path / "config.json").read_text())
-    args = ModelArgs.from_dict(config)
     stored = checkpoint_tensors(path)
     model = Model(args)
     # Distributed inference is text-only for now: the vision tensors (which the published

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import distributed as dist
+from .cli import non_negative_float, positive_int
 
 GB = 1e9
 # Recipes beyond recipes.RECIPES: the published checkpoints as they load, and uniform affine.
@@ -55,7 +56,7 @@ def recipe_policy(name: str):
     m = UNIFORM.match(name)
     if m:
         return uniform_policy(int(m.group(1)), 64, "affine")
-    raise SystemExit(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
+    raise ValueError(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
 
 
 def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, dist.TensorInfo]:
@@ -166,9 +167,11 @@ def parse_hosts(spec: str) -> List[float]:
         elif re.fullmatch(r"\d+(?:\.\d+)?", part):
             out.append(float(part))
         else:
-            raise SystemExit(f"--hosts {spec!r}: expected NxGB (2x192) or a list of GB (192,128)")
+            raise ValueError(f"--hosts {spec!r}: expected NxGB (2x192) or a list of GB (192,128)")
     if not out:
-        raise SystemExit("--hosts: no hosts")
+        raise ValueError(f"--hosts {spec!r}: no hosts")
+    if min(out) <= 0:
+        raise ValueError(f"--hosts {spec!r}: every host needs some memory, got {min(out):g} GB")
     return out
 
 
@@ -206,11 +209,11 @@ def main(argv=None) -> int:
     src.add_argument("--recipe", help=f"conversion recipe: {', '.join(recipe_names())}")
     src.add_argument("--model", help="a converted (or published) checkpoint folder: plan from its headers")
     ap.add_argument("--config", help="config.json of the model (default: the real MiniMax-M3)")
-    ap.add_argument("--context", type=int, default=32768, help="tokens of context per sequence (default 32768)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prefill-chunk", type=int, default=2048, help="prefill step size (mlx-lm default 2048)")
+    ap.add_argument("--context", type=positive_int, default=32768, help="tokens of context per sequence (default 32768)")
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--prefill-chunk", type=positive_int, default=2048, help="prefill step size (mlx-lm default 2048)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="float dtype (default: config's)")
-    ap.add_argument("--reserve-gb", type=float, default=8.0,
+    ap.add_argument("--reserve-gb", type=non_negative_float, default=8.0,
                     help="memory left to macOS and other programs on each Mac (default 8)")
     ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
@@ -220,24 +223,36 @@ def main(argv=None) -> int:
     from .recipes import REAL_CONFIG, config_dtype
 
     hosts = parse_hosts(a.hosts)
+    if min(hosts) <= a.reserve_gb:
+        raise ValueError(f"--hosts {a.hosts}: a host of {min(hosts):g} GB has nothing left after --reserve-gb "
+                         f"{a.reserve_gb:g}")
     if a.model:
         ck = dist.inspect_checkpoint(a.model)
         config, table, what = ck.config, ck.table, f"checkpoint {a.model}"
     else:
-        config = json.loads(Path(a.config or REAL_CONFIG).read_text())
+        config_path = Path(a.config or REAL_CONFIG)
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {config_path}: not valid JSON ({e})") from None
         recipe = a.recipe or "mac-256gb"
         table = recipe_table(config, recipe, a.dtype)
         what = f"recipe {recipe}"
     args = ModelArgs.from_dict(config)
+    if a.context > args.max_position_embeddings:
+        raise ValueError(f"--context {a.context}: past the model's context of {args.max_position_embeddings} "
+                         f"tokens (max_position_embeddings)")
     dtype = a.dtype or config_dtype(config)
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}.get(dtype)
+    if dtype_bytes is None:
+        raise ValueError(f"the config's dtype {dtype!r} is not a float dtype; pass --dtype")
     layouts = candidate_layouts(len(hosts))
     if a.layout != "all":
         layouts = [(t, p) for t, p in layouts
                    if (a.layout == "tensor" and p == 1) or (a.layout == "pipeline" and t == 1 and p > 1)
                    or (a.layout == "both" and t > 1 and p > 1)]
         if not layouts:
-            raise SystemExit(f"--layout {a.layout}: not possible with {len(hosts)} host(s)")
+            raise ValueError(f"--layout {a.layout}: not possible with {len(hosts)} host(s)")
     plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes, layouts)
     best, why = recommend(plans)
     total_weights = sum(i.nbytes for i in table.values())
