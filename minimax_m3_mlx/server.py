@@ -122,11 +122,35 @@ class MiniMaxModelProvider(ModelProvider):
 
 
 class MiniMaxResponseGenerator(ResponseGenerator):
-    """mlx-lm's generation thread, which also frees its MLX streams when it ends.
+    """mlx-lm's generation thread, which also frees its MLX streams when it ends, and
+    which reports whether the served model loaded (`wait_loaded`).
 
     MLX 0.32 (CPU) can abort the process at exit ("terminate called without an active
     exception") when a thread that made a stream has ended without destroying it.
     """
+
+    def __init__(self, *args, **kwargs):
+        self.loaded = threading.Event()
+        self.load_error: Optional[BaseException] = None
+        super().__init__(*args, **kwargs)
+
+    def wait_loaded(self) -> None:
+        """Block until the served model is loaded (the request checks need its tokenizer
+        and context); raise the loader's error if it failed."""
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def _generate(self):
+        try:  # mlx-lm's thread would log a traceback and serve nothing: report it instead
+            self.model_provider.load_default()
+        except Exception as e:
+            self.load_error = e
+            self._generation_failed = True
+            return
+        finally:
+            self.loaded.set()
+        super()._generate()  # finds the model loaded
 
     def _run_generate(self):
         try:
@@ -465,6 +489,11 @@ class Server:
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
+        try:
+            self.response_generator.wait_loaded()
+        except BaseException:
+            self.httpd.server_close()
+            raise
 
     def serve_forever(self) -> None:
         logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")

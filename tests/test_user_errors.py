@@ -54,6 +54,11 @@ def folders(tmp_path_factory):
         shard = sorted(p.glob("*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:-100])
 
+    def wrong_shape(p):
+        c = json.loads((p / "config.json").read_text())
+        c["text_config"]["shared_intermediate_size"] = 16  # the tensors are 32 wide
+        (p / "config.json").write_text(json.dumps(c))
+
     def no_tokenizer(p):
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             (p / f).unlink(missing_ok=True)
@@ -71,6 +76,7 @@ def folders(tmp_path_factory):
         "four": variant("four", four),
         "truncated": variant("truncated", truncate),
         "no_tokenizer": variant("no_tokenizer", no_tokenizer),
+        "wrong_shape": variant("wrong_shape", wrong_shape),
     }
 
 
@@ -93,6 +99,7 @@ CASES = [
     ("gen-mistyped-config", ["generate", "--model", "{four}"], "num_hidden_layers: must be an integer"),
     ("gen-truncated", ["generate", "--model", "{truncated}"], "truncated safetensors file"),
     ("gen-no-tokenizer", ["generate", "--model", "{no_tokenizer}"], "no tokenizer files"),
+    ("gen-wrong-shape", ["generate", "--model", "{wrong_shape}"], "model expects"),
     ("gen-missing-model-flag", ["generate", "-p", "hi"], "--model"),
     # -- generate: values ------------------------------------------------------------------------
     ("gen-temp", ["generate", "--model", "{good}", "--temp", "-1"], "--temp: must be in [0, inf]"),
@@ -137,6 +144,7 @@ CASES = [
     ("server-truncated", ["server", "--model", "{truncated}"], "truncated safetensors file"),
     ("server-empty-config", ["server", "--model", "{empty_config}"], "vocab_size: required"),
     ("server-no-tokenizer", ["server", "--model", "{no_tokenizer}"], "no tokenizer files"),
+    ("server-wrong-shape", ["server", "--model", "{wrong_shape}", "--port", "0"], "model expects"),
     ("server-port-range", ["server", "--model", "{good}", "--port", "70000"], "--port: must be in [0, 65535]"),
     ("server-port-negative", ["server", "--model", "{good}", "--port", "-1"], "--port: must be in [0, 65535]"),
     ("server-port-busy", ["server", "--model", "{good}", "--port", "{busy_port}"], "cannot listen on"),
