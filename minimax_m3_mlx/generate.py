@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    if mx.distributed.init().rank() != 0:  # every rank computes; rank 0 speaks
+    group = mx.distributed.init()
+    if group.rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
     media = args.image or args.video
     if media and (args.prompt_cache_file or args.ignore_chat_template):
@@ -420,4 +421,18 @@ def main(argv=None) -> int:
     print_stats(gen)
     if args.prompt_cache_file:
         cache.save(args.prompt_cache_file, args.model)
+    if group.size() > 1:
+        end_together(group)
     return 0
+
+
+def end_together(group) -> None:
+    """Under mlx.launch: finish this rank's last collectives, then meet every other rank.
+
+    mlx-lm's loop leaves its precomputed next step (all-sums included) in flight, and a rank
+    that exits first closes sockets its peers still use: MLX's ring backend then logs a line
+    per failed transfer ("[ring] Receiving from socket N failed with errno 9").
+    """
+    mx.synchronize()
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    mx.synchronize()
