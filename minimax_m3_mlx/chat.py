@@ -76,9 +76,8 @@ def main(argv=None, input_fn=input) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     if mx.distributed.init().size() > 1:
-        print("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
-              "`minimax-m3 server`", file=sys.stderr)
-        return 2
+        raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
+                         "`minimax-m3 server`")
     model, tokenizer = load(args.model, thinking=args.thinking)
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, sampler=make_cli_sampler(args),

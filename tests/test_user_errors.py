@@ -59,6 +59,13 @@ def folders(tmp_path_factory):
         c["text_config"]["shared_intermediate_size"] = 16  # the tensors are 32 wide
         (p / "config.json").write_text(json.dumps(c))
 
+    def config_folder(p):
+        (p / "config.json").unlink()
+        (p / "config.json").mkdir()
+
+    def binary_config(p):
+        (p / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+
     def no_tokenizer(p):
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             (p / f).unlink(missing_ok=True)
@@ -77,6 +84,8 @@ def folders(tmp_path_factory):
         "truncated": variant("truncated", truncate),
         "no_tokenizer": variant("no_tokenizer", no_tokenizer),
         "wrong_shape": variant("wrong_shape", wrong_shape),
+        "config_folder": variant("config_folder", config_folder),
+        "binary_config": variant("binary_config", binary_config),
     }
 
 
@@ -100,6 +109,8 @@ CASES = [
     ("gen-truncated", ["generate", "--model", "{truncated}"], "truncated safetensors file"),
     ("gen-no-tokenizer", ["generate", "--model", "{no_tokenizer}"], "no tokenizer files"),
     ("gen-wrong-shape", ["generate", "--model", "{wrong_shape}"], "model expects"),
+    ("gen-config-is-folder", ["generate", "--model", "{config_folder}"], "cannot be read"),
+    ("gen-config-binary", ["generate", "--model", "{binary_config}"], "config.json"),
     ("gen-missing-model-flag", ["generate", "-p", "hi"], "--model"),
     # -- generate: values ------------------------------------------------------------------------
     ("gen-temp", ["generate", "--model", "{good}", "--temp", "-1"], "--temp: must be in [0, inf]"),
@@ -266,6 +277,45 @@ def test_unexpected_error_says_so_and_verbose_shows_the_traceback(folders, capsy
     monkeypatch.setenv("MINIMAX_M3_VERBOSE", "1")
     rc, _, err = run_cli(["generate", "--model", str(folders["good"])], capsys)
     assert rc == 1 and "Traceback" in err
+
+
+def test_ctrl_c_in_generate_is_one_line(folders, capsys, monkeypatch):
+    from minimax_m3_mlx import generate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "stream_generate", interrupted)
+    rc, _, err = run_cli(["generate", "--model", str(folders["good"])], capsys)
+    assert rc == 130 and err.strip().splitlines() == ["minimax-m3 generate: interrupted"]
+
+
+def test_context_limit_at_and_past_the_edge(folders):
+    from minimax_m3_mlx import generate
+
+    import mlx.core as mx
+
+    model, tok = generate.load(str(folders["small"]))
+    eos = mx.array(sorted(tok.eos_token_ids))
+
+    def no_eos(tokens, logits):  # the reply must run until a limit
+        return logits.at[..., eos].add(-1e9)
+
+    ids = [int(t) for t in tok.encode(LONG_PROMPT * 2)][:399]
+    gen = generate.generate(model, tok, ids, max_tokens=10, logits_processors=[no_eos])  # one token of room
+    assert len(gen.tokens) == 1 and gen.context_full and gen.finish_reason == "length"
+    gen = generate.generate(model, tok, ids[:390], max_tokens=10, logits_processors=[no_eos])  # exactly the room
+    assert len(gen.tokens) == 10 and not gen.context_full
+    with pytest.raises(generate.ContextLimitError, match="the prompt has 400 tokens"):
+        generate.generate(model, tok, ids + [ids[0]], max_tokens=1)
+
+
+def test_empty_prompt_from_stdin(folders, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, _, err = run_cli(["generate", "--model", str(folders["good"]), "-p", "-", "--ignore-chat-template"], capsys)
+    assert_one_error_line(rc, err, "empty prompt")
 
 
 def test_generate_stops_at_the_context_limit(folders, capsys):
