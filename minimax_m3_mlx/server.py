@@ -194,6 +194,8 @@ def _check_messages(messages: Any) -> None:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        if content is None and m["role"] != "assistant":  # only a reply with tool calls may have none
+            raise ValueError(f"messages[{i}].content must be given for role {m['role']!r}")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -295,7 +297,10 @@ class MiniMaxAPIHandler(APIHandler):
 
     def validate_model_parameters(self) -> None:
         self._error = None
-        super().validate_model_parameters()
+        try:
+            super().validate_model_parameters()
+        except ValueError as e:  # mlx-lm's names for two request fields
+            raise ValueError(str(e).replace("requested_model", "model").replace("adapter ", "adapters ")) from None
         try:
             self._check_request()
         except RequestError as e:
@@ -323,6 +328,13 @@ class MiniMaxAPIHandler(APIHandler):
             raise ValueError("chat_template_kwargs must be an object")
         if self.stream_options is not None and not isinstance(self.stream_options, dict):
             raise ValueError("stream_options must be an object")
+        if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
+            raise ValueError("stream_options.include_usage must be true or false")
+        if body.get("n", 1) != 1:
+            raise ValueError(f"n must be 1 (one choice per request), got {body['n']!r}")
+        for key in ("adapters", "draft_model"):  # mlx-lm options this server does not offer
+            if body.get(key) is not None:
+                raise ValueError(f"{key} must be left out: not supported for MiniMax-M3")
         _check_stop(body.get("stop"))
         try:
             mode = _thinking_from_request(body)
