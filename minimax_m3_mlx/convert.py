@@ -875,6 +875,8 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     if drop_vision and vision_bits is not None:
         raise ConvertError("--vision-bits: nothing to set with --drop-vision; drop one of them")
     policy = make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits)
+    if revision is not None and Path(hf_path).expanduser().is_dir():
+        raise ConvertError(f"--revision {revision}: {hf_path} is a local folder; --revision picks a repo revision")
     src = resolve_source(hf_path, revision)
     tokenizer_src = _tokenizer_source(src, tokenizer)
     if out == src.resolve() or src.resolve() in out.parents or out in src.resolve().parents:

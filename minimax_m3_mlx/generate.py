@@ -139,7 +139,11 @@ class PromptCache:
 
     @classmethod
     def load(cls, path: str, model, model_path: str) -> "PromptCache":
-        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        try:
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        except (RuntimeError, ValueError, KeyError) as e:  # MLX's loader raises RuntimeError on a bad file
+            raise ValueError(f"{path}: not a prompt cache file ({e}); delete it or pass another "
+                             f"--prompt-cache-file") from None
         if meta.get("config_sha256") != cls.fingerprint(model_path):
             raise ValueError(
                 f"{path} was written for another model ({meta.get('model')!r}); "

@@ -76,6 +76,7 @@ def folders(tmp_path_factory):
     (root / "empty.png").write_bytes(b"")
     (root / "bad.json").write_text("{not json")
     (root / "empty.json").write_text("{}")
+    (root / "garbage.safetensors").write_text("garbage")
     return {
         "good": good, "small": small, "root": root,
         "empty_config": variant("empty_config", set_config("{}")),
@@ -139,6 +140,8 @@ CASES = [
     ("gen-image-text-only", ["generate", "--model", "{good}", "--image", "{root}/empty.png"], "no vision tower"),
     ("gen-cache-no-folder", ["generate", "--model", "{good}", "--prompt-cache-file", "{root}/no/c.safetensors"],
      "no folder"),
+    ("gen-cache-garbage", ["generate", "--model", "{good}", "--prompt-cache-file", "{root}/garbage.safetensors"],
+     "not a prompt cache file"),
     ("gen-cache-is-folder", ["generate", "--model", "{good}", "--prompt-cache-file", "{root}"], "a folder"),
     ("gen-prompt-past-context", ["generate", "--model", "{small}", "-p", LONG_PROMPT],
      "the model's context holds 400"),
@@ -186,6 +189,10 @@ CASES = [
      "already exists"),
     ("convert-output-in-source", ["convert", "--hf-path", "{good}", "--mlx-path", "{good}/out"],
      "overlaps the source"),
+    ("convert-revision-local", ["convert", "--hf-path", "{good}", "--mlx-path", "{root}/o12", "--revision", "v2"],
+     "is a local folder"),
+    ("convert-list-recipes-missing", ["convert", "--list-recipes", "--hf-path", "{root}/no/such/model"],
+     "not a local folder"),
     ("convert-shard-zero", ["convert", "--hf-path", "{good}", "--shard-size-gb", "0"], "--shard-size-gb: must be"),
     ("convert-shard-negative", ["convert", "--hf-path", "{good}", "--shard-size-gb", "-1"], "--shard-size-gb"),
     ("convert-q-bits-zero", ["convert", "--hf-path", "{good}", "-q", "--q-bits", "0"], "--q-bits: must be"),
@@ -257,7 +264,7 @@ def test_bad_input_is_one_error_line(name, argv, expect, folders, capsys):
 
 def test_nothing_is_written_by_a_refused_convert(folders):
     root = folders["root"]
-    assert not any((root / f"o{i}").exists() for i in range(1, 12))
+    assert not any((root / f"o{i}").exists() for i in range(1, 13))
     assert (root / "not_empty" / "model.safetensors").read_text() == "someone's weights"
     assert sorted(p.name for p in (root / "not_empty").iterdir()) == ["model.safetensors"]
 
