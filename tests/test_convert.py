@@ -33,6 +33,7 @@ import minimax_m3_mlx
 from minimax_m3_mlx import convert as conv
 from minimax_m3_mlx import recipes, synthetic
 from minimax_m3_mlx.checkpoint import CheckpointError, load_model
+from minimax_m3_mlx.tokenizer import write_tiny_tokenizer
 from reference import build_reference, reference_logits, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -567,6 +568,7 @@ class VisionSources:
                 path.mkdir()
                 synthetic.write_safetensors(path / "model.safetensors", tensors)
                 (path / "config.json").write_text(json.dumps(cfg))
+                write_tiny_tokenizer(path, cfg)  # convert refuses a source without one
             self.paths[layout] = path
         return self.paths[layout]
 
