@@ -27,7 +27,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from minimax_m3_mlx import distributed as dist  # noqa: E402
+from minimax_m3_mlx.loading import sharded as dist  # noqa: E402
 
 
 def forward_logits(model, prompt, decode):
@@ -60,7 +60,7 @@ def run_case(case, spec, group, out: Path):
     if case.get("expect_error"):
         try:
             if case.get("shard_loaded"):
-                from minimax_m3_mlx.checkpoint import load_model
+                from minimax_m3_mlx.weights.sanitize import load_model
 
                 model, _ = load_model(case["path"])
                 before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
@@ -85,7 +85,7 @@ def run_case(case, spec, group, out: Path):
     gc.collect()
     mx.clear_cache()
     if case.get("api"):  # the whole model loaded, then Model.shard / Model.pipeline (mlx-lm's way)
-        from minimax_m3_mlx.checkpoint import load_model
+        from minimax_m3_mlx.weights.sanitize import load_model
 
         model, _ = load_model(case["path"])
         getattr(model, case["api"])(group)

@@ -30,9 +30,10 @@ import pytest
 from mlx.utils import tree_map_with_path
 
 import minimax_m3_mlx
-from minimax_m3_mlx import convert as conv
-from minimax_m3_mlx import recipes, synthetic
-from minimax_m3_mlx.checkpoint import CheckpointError, load_model
+from minimax_m3_mlx.convert import run as conv
+from minimax_m3_mlx import synthetic
+from minimax_m3_mlx.convert import recipes
+from minimax_m3_mlx.weights.sanitize import CheckpointError, load_model
 from reference import build_reference, reference_logits, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def logits_all_loaders(path: Path) -> np.ndarray:
     via_classes, _ = mlx_lm_load_model(path, get_model_classes=minimax_m3_mlx.get_model_classes,
                                        model_config={"model_file": None})
     via_file, _ = mlx_lm_load_model(path, trust_remote_code=True)
-    assert type(via_file).__module__ == "minimax_m3_mlx.model"  # our implementation, not mlx-lm's port
+    assert type(via_file).__module__ == "minimax_m3_mlx.model.model"  # our implementation, not mlx-lm's port
     out = [np.array(m(toks).astype(mx.float32)) for m in (ours, via_classes, via_file)]
     np.testing.assert_array_equal(out[0], out[1])
     np.testing.assert_array_equal(out[0], out[2])
@@ -574,7 +575,7 @@ class VisionSources:
         """The image features of the source loaded as it is (float32; FP8 dequantised exactly),
         or with its vision Linear layers quantised in memory by nn.quantize (8-bit affine g32)."""
         if (layout, bits) not in self.features:
-            from minimax_m3_mlx.vision import encode_grids
+            from minimax_m3_mlx.model.vision import encode_grids
             from test_vision import media
 
             model = load_model(self.source(layout))[0]
@@ -605,7 +606,7 @@ def test_vision_tower_kept_at_8_bits_or_unquantised(vision_sources, layout, visi
     embedding and LayerNorms float; both loaders build the tower; features near the unquantised ones."""
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    from minimax_m3_mlx.vision import encode_grids
+    from minimax_m3_mlx.model.vision import encode_grids
     from test_vision import media
 
     out = tmp_path / "out"

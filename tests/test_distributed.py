@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from minimax_m3_mlx import distributed as dist
-from minimax_m3_mlx import plan, synthetic
-from minimax_m3_mlx.checkpoint import load_model
+from minimax_m3_mlx.loading import sharded as dist
+from minimax_m3_mlx import synthetic
+from minimax_m3_mlx.cli import plan
+from minimax_m3_mlx.weights.sanitize import load_model
 from minimax_m3_mlx.config import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def test_plan_matches_measured(runs, ckpts, n, case):
     config = json.loads((path / "config.json").read_text())
     args = ModelArgs.from_dict(config)
     if RECIPE[case["ck"]] is None:  # the converted folder: its own quantization
-        from minimax_m3_mlx.recipes import model_layout, output_tensors, uniform_policy
+        from minimax_m3_mlx.convert.recipes import model_layout, output_tensors, uniform_policy
 
         shapes, quantisable = model_layout(config)
         table = dist.table_from_shapes(output_tensors(shapes, quantisable, uniform_policy(4, 32, "affine"), "float32"))
@@ -344,7 +345,7 @@ def test_balanced_split_is_optimal():
 def test_plan_real_model(capsys):
     """The real model: KV and index figures as DESIGN.md derives them; 2x192 fits the
     192 GB recipe with tensor parallel; 3 Macs cannot be tensor parallel."""
-    from minimax_m3_mlx.recipes import REAL_CONFIG
+    from minimax_m3_mlx.convert.recipes import REAL_CONFIG
 
     args = ModelArgs.from_file(REAL_CONFIG)
     kv, idx = dist.cache_bytes(args, 131072, 1, dtype_bytes=2)

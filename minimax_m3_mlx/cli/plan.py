@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import distributed as dist
+from ..loading import sharded as dist
 
 GB = 1e9
 # Recipes beyond recipes.RECIPES: the published checkpoints as they load, and uniform affine.
@@ -35,14 +35,14 @@ UNIFORM = re.compile(r"^q([2-8])$")  # q4: 4-bit affine g64 everywhere (router e
 
 
 def recipe_names() -> List[str]:
-    from .recipes import RECIPES
+    from ..convert.recipes import RECIPES
 
     return list(RECIPES) + list(EXTRA_RECIPES) + ["q2", "q3", "q4", "q5", "q6", "q8"]
 
 
 def recipe_policy(name: str):
     """A recipes.Policy for `name` (None: unquantised)."""
-    from .recipes import RECIPES, Policy, QuantSpec, uniform_policy
+    from ..convert.recipes import RECIPES, Policy, QuantSpec, uniform_policy
 
     if name in RECIPES:
         return RECIPES[name]
@@ -60,7 +60,7 @@ def recipe_policy(name: str):
 
 def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, dist.TensorInfo]:
     """The tensors of the model `config` describes, converted with `recipe`."""
-    from .recipes import config_dtype, model_layout, output_tensors
+    from ..convert.recipes import config_dtype, model_layout, output_tensors
 
     shapes, quantisable = model_layout(config)
     return dist.table_from_shapes(output_tensors(shapes, quantisable, recipe_policy(recipe),
@@ -216,8 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     a = ap.parse_args(argv)
 
-    from .config import ModelArgs
-    from .recipes import REAL_CONFIG, config_dtype
+    from ..config import ModelArgs
+    from ..convert.recipes import REAL_CONFIG, config_dtype
 
     hosts = parse_hosts(a.hosts)
     if a.model:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
 REAL_CONFIG = CONFIG_DIR / "minimax_m3.json"
 TINY_CONFIG = CONFIG_DIR / "tiny.json"
 
@@ -276,8 +276,8 @@ def header_bytes(tensors: Dict[str, Tuple[Tuple[int, ...], str]], n_shards: int 
 def lazy_model(config: dict, vision: bool = False):
     """The model built lazily (no parameter memory until evaluated) for shapes and module types;
     with `vision`, its vision tower and projector too (the config must have a vision_config)."""
-    from .config import ModelArgs
-    from .model import Model
+    from ..config import ModelArgs
+    from ..model.model import Model
 
     model = Model(ModelArgs.from_dict(config))
     if vision:

@@ -45,7 +45,7 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from .tokenizer import THINKING_MODES, ThinkingModeError, configure_tokenizer, resolve_thinking_mode
+from ..chat_format.tokenizer import THINKING_MODES, ThinkingModeError, configure_tokenizer, resolve_thinking_mode
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
@@ -61,7 +61,7 @@ class MiniMaxModelProvider(ModelProvider):
     """
 
     def __init__(self, cli_args):
-        from .checkpoint import resolve_path
+        from ..weights.sanitize import resolve_path
 
         super().__init__(cli_args)
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
@@ -69,7 +69,7 @@ class MiniMaxModelProvider(ModelProvider):
             self._model_map.setdefault(alias, cli_args.model)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        from .checkpoint import load, resolve_path
+        from ..weights.sanitize import load, resolve_path
 
         if adapter_path is not None or draft_model_path is not None:
             raise ValueError("adapters and draft models are not supported for MiniMax-M3")
@@ -80,7 +80,7 @@ class MiniMaxModelProvider(ModelProvider):
         mx.clear_cache()
         tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
         if self.is_distributed:  # under mlx.launch: this rank's part (mlx-lm's --pipeline picks the split)
-            from .distributed import load as load_sharded
+            from ..loading.sharded import load as load_sharded
 
             mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
             model, tokenizer = load_sharded(path, mx.distributed.init(), mode=mode,

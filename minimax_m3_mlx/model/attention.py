@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from . import msa
 from .cache import SparseKVCache
-from .config import ModelArgs
+from ..config import ModelArgs
 from .layers import GemmaRMSNorm, partial_rope
 
 

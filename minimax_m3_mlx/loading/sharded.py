@@ -232,7 +232,7 @@ def table_from_arrays(arrays: Dict[str, Any]) -> Dict[str, TensorInfo]:
 
 def table_from_shapes(tensors: Dict[str, Tuple[Tuple[int, ...], str]]) -> Dict[str, TensorInfo]:
     """name -> TensorInfo from recipes.output_tensors' (shape, safetensors tag)."""
-    from .recipes import TAG_BYTES
+    from ..convert.recipes import TAG_BYTES
 
     out = {}
     for k, (shape, tag) in tensors.items():
@@ -341,7 +341,7 @@ def cache_bytes(args, context: int, tensor: int = 1, layers: Optional[Tuple[int,
     Counts what the caches allocate: mlx-lm's KVCache and SparseKVCache grow in steps
     (256 tokens; whole index blocks for the sparse cache), so this is the buffers' size.
     """
-    from .cache import SparseKVCache
+    from ..model.cache import SparseKVCache
 
     start, end = layers or (0, args.num_hidden_layers)
     kv = idx = 0
@@ -367,7 +367,7 @@ def activation_bytes(args, chunk: int, tensor: int = 1, batch: int = 1, dtype_by
     block-gather tiles of msa.py, the per-block scores), and the final chunk's logits;
     plus a few hidden-state buffers live across the whole layer.
     """
-    from . import msa
+    from ..model import msa
 
     T = batch * chunk
     H, k = args.hidden_size, args.num_experts_per_tok
@@ -694,7 +694,7 @@ class StoredTensor:
 
 def checkpoint_tensors(path: Path) -> Dict[str, StoredTensor]:
     """Every tensor of a checkpoint folder from the safetensors headers (no data read)."""
-    from .checkpoint import CheckpointError, read_safetensors_header, weight_files
+    from ..weights.sanitize import CheckpointError, read_safetensors_header, weight_files
 
     out: Dict[str, StoredTensor] = {}
     for f in weight_files(path):
@@ -785,9 +785,9 @@ def inspect_checkpoint(path) -> CheckpointInfo:
     (and, for MXFP8 sources, the quantised structure) exactly as the real load makes them.
     Nothing is allocated: the placeholders are never evaluated.
     """
-    from .checkpoint import VISION_PREFIXES, apply_mlx_quantization, check_weights, resolve_path
-    from .config import ModelArgs
-    from .model import Model
+    from ..weights.sanitize import VISION_PREFIXES, apply_mlx_quantization, check_weights, resolve_path
+    from ..config import ModelArgs
+    from ..model.model import Model
 
     path = resolve_path(path)
     config = json.loads((path / "config.json").read_text())
@@ -842,8 +842,8 @@ def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] =
     `load_stats` says what was read. All checks (heads, divisibility, layers per stage)
     run from the config and the safetensors headers before any tensor is read.
     """
-    from .checkpoint import DROPPED_PREFIXES, VISION_PREFIXES, CheckpointError, check_weights, resolve_path
-    from .model import Model
+    from ..weights.sanitize import DROPPED_PREFIXES, VISION_PREFIXES, CheckpointError, check_weights, resolve_path
+    from ..model.model import Model
 
     t0 = time.perf_counter()
     group = group or mx.distributed.init()
@@ -922,7 +922,7 @@ def load(path, group=None, mode: str = "tensor", tensor: Optional[int] = None,
     """(model, tokenizer) for this rank, like checkpoint.load but sharded (see load_sharded)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from .checkpoint import resolve_path
+    from ..weights.sanitize import resolve_path
 
     model, config = load_sharded(path, group, mode, tensor)
     path = resolve_path(path)

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     from mlx_lm.generate import stream_generate
 
-    from . import synthetic
-    from .checkpoint import load
+    from ..synthetic import checkpoints as synthetic
+    from ..weights.sanitize import load
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="minimax-m3-demo-"))
     try:

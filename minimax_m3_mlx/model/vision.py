@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # Where vision tensors live in any layout (the published one, transformers 5.x, ours).
 VISION_PREFIXES = (
@@ -483,7 +483,7 @@ def sanitize_vision(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
 
     FP8 pairs (`weight` + `weight_scale_inv`) must already be resolved (see sanitize_model_vision).
     """
-    from .checkpoint import CheckpointError
+    from ..weights.sanitize import CheckpointError
 
     out = {}
     for k, v in weights.items():
@@ -502,7 +502,7 @@ def sanitize_vision(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
 def _resolve_fp8(args, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """Vision tensors quantised in the source (the releases leave them in BF16) are dequantised:
     the tower is small and stays at full precision."""
-    from .checkpoint import MX_BLOCK, model_dtype, unpack_quantized
+    from ..weights.sanitize import MX_BLOCK, model_dtype, unpack_quantized
 
     if not any(k.endswith((".weight_scale_inv", ".weight_scale")) for k in weights):
         return weights

@@ -35,7 +35,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from .tokenizer import THINKING_MODES, configure_tokenizer
+from ..chat_format.tokenizer import THINKING_MODES, configure_tokenizer
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -51,11 +51,11 @@ def load(model_path: str, thinking: Optional[str] = None, parallel: str = "tenso
     """
     group = mx.distributed.init()
     if group.size() > 1:
-        from .distributed import load as load_sharded
+        from ..loading.sharded import load as load_sharded
 
         model, tokenizer = load_sharded(model_path, group, mode=parallel)
     else:
-        from .checkpoint import load as load_checkpoint
+        from ..weights.sanitize import load as load_checkpoint
 
         model, tokenizer = load_checkpoint(model_path)
     return model, configure_tokenizer(tokenizer, thinking=thinking)
@@ -125,7 +125,7 @@ class PromptCache:
     # A cache file is only valid for the model (config) that wrote it.
     @staticmethod
     def fingerprint(model_path: str) -> str:
-        from .checkpoint import resolve_path
+        from ..weights.sanitize import resolve_path
 
         return hashlib.sha256((resolve_path(model_path) / "config.json").read_bytes()).hexdigest()
 

@@ -26,7 +26,7 @@ from .generate import (
     load,
     make_cli_sampler,
 )
-from .tokenizer import THINKING_MODES
+from ..chat_format.tokenizer import THINKING_MODES
 
 HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit"
 

@@ -7,7 +7,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .config import ModelArgs
+from ..config import ModelArgs
 
 
 class GemmaRMSNorm(nn.Module):

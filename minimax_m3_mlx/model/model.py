@@ -10,7 +10,7 @@ from mlx_lm.models.cache import KVCache
 
 from .attention import Attention
 from .cache import SparseKVCache
-from .config import ModelArgs
+from ..config import ModelArgs
 from .layers import DenseMLP, GemmaRMSNorm
 from .moe import SparseMoeBlock
 
@@ -118,13 +118,13 @@ class Model(nn.Module):
 
     def shard(self, group=None):
         """Tensor parallelism over `group` (see distributed.shard_model)."""
-        from .distributed import shard_model
+        from ..loading.sharded import shard_model
 
         return shard_model(self, group)
 
     def pipeline(self, group, split=None):
         """Keep only this rank's pipeline stage of layers (see distributed.pipeline_model)."""
-        from .distributed import pipeline_model
+        from ..loading.sharded import pipeline_model
 
         return pipeline_model(self, group, split)
 
@@ -143,7 +143,7 @@ class Model(nn.Module):
         (kept packed; this switches the matching layers to mxfp8 QuantizedLinear), FP8 with
         128x128 float scales (dequantised), and already-converted MLX weights (unchanged).
         """
-        from .checkpoint import sanitize
+        from ..weights.sanitize import sanitize
 
         return sanitize(self, weights)
 

@@ -29,8 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
-from .vision import VISION_PREFIXES
+from ..config import ModelArgs
+from ..model.vision import VISION_PREFIXES
 
 DROPPED_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "language_model.model.mtp.")
 MX_BLOCK = 32
@@ -273,7 +273,7 @@ def sanitize_tensors(args: ModelArgs, weights: Dict[str, mx.array],
 
 
 def sanitize(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    from .vision import sanitize_model_vision  # vision tensors (which sanitize_tensors sets aside)
+    from ..model.vision import sanitize_model_vision  # vision tensors (which sanitize_tensors sets aside)
 
     vision = sanitize_model_vision(model, weights)
     weights, mx_packed = sanitize_tensors(model.args, weights)
@@ -348,7 +348,7 @@ def resolve_path(path_or_repo: str | Path) -> Path:
 
 def load_model(path: str | Path, lazy: bool = False):
     """Build the model from a checkpoint folder in any supported layout -> (model, config)."""
-    from .model import Model
+    from ..model.model import Model
 
     path = resolve_path(path)
     args = ModelArgs.from_file(path)
@@ -376,13 +376,13 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
     eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else eos
     tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos)
-    from .tokenizer import configure_tokenizer
+    from ..chat_format.tokenizer import configure_tokenizer
 
     return model, configure_tokenizer(tokenizer)
 
 
 def get_model_classes(config: dict = None):
     """For `mlx_lm.utils.load_model(path, get_model_classes=get_model_classes)`."""
-    from .model import Model
+    from ..model.model import Model
 
     return Model, ModelArgs

@@ -55,13 +55,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import recipes
-from .checkpoint import (
+from ..weights.sanitize import (
     DROPPED_PREFIXES, MX_BLOCK, VISION_PREFIXES, CheckpointError, _quant_block, dequantize_fp8_blocks,
     read_safetensors_header, sanitize_tensors, weight_files,
 )
-from .config import ConfigError, ModelArgs
+from ..config import ConfigError, ModelArgs
 from .recipes import Policy, PolicyError, QuantSpec
-from .vision import _resolve_fp8 as resolve_vision_fp8, sanitize_vision
+from ..model.vision import _resolve_fp8 as resolve_vision_fp8, sanitize_vision
 
 MANIFEST = ".convert-manifest.json"
 MODEL_FILE = "minimax_m3_model.py"

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from .config import ModelArgs
+from ..config import ModelArgs
 from .layers import DenseMLP, swiglu_oai
 
 

@@ -377,7 +377,7 @@ def write_checkpoint(path, config: dict, weights: Dict[str, np.ndarray], layout:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer:
-        from .tokenizer import write_tiny_tokenizer
+        from ..chat_format.tokenizer import write_tiny_tokenizer
 
         write_tiny_tokenizer(path, cfg)
     return reference
