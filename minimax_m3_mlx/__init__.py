@@ -1,9 +1,10 @@
 """MiniMax-M3 on Apple Silicon with MLX."""
 
-from .model.cache import SparseKVCache
-from .weights.sanitize import CheckpointError, get_model_classes, load, load_model
 from .config import ConfigError, ModelArgs
-from .model.model import Model
+from .io import CheckpointError
+from .loading import get_model_classes, load, load_model
+from .model import Model
+from .model.cache import SparseKVCache
 
 __all__ = [
     "Model", "ModelArgs", "SparseKVCache", "load", "load_model", "get_model_classes",

@@ -74,6 +74,10 @@ class ModelArgs:
     quantization: Optional[Dict[str, Any]] = None  # MLX's own (converted models)
     quantization_config: Optional[Dict[str, Any]] = None  # the source's (fp8, mxfp8)
     vision_config: Optional[Dict[str, Any]] = None
+    # Set by the loader, not read from config.json: False when the checkpoint holds no vision
+    # weights (a text-only source with a vision_config), so Model builds no tower. None: the
+    # config decides (a converted folder keeps vision_config only with the tower).
+    with_vision: Optional[bool] = None
     projector_hidden_size: Optional[int] = None  # top level; None: the reference's default (6144)
     image_token_index: int = 200025
     video_token_index: int = 200026
@@ -112,7 +116,7 @@ class ModelArgs:
     @classmethod
     def _resolve(cls, c: Dict[str, Any]) -> "ModelArgs":
         known = cls.__dataclass_fields__
-        kw = {k: v for k, v in c.items() if k in known}
+        kw = {k: v for k, v in c.items() if k in known and k != "with_vision"}
 
         # Sparse attention: nested original spelling, or flat transformers spelling.
         sparse_cfg = c.get("sparse_attention_config") or {}
@@ -215,9 +219,10 @@ class ModelArgs:
         return self.mlp_layer_types[layer] == "sparse"
 
     @property
-    def source_quant_method(self) -> Optional[str]:
-        qc = self.quantization_config or {}
-        return qc.get("quant_method")
+    def has_vision_tower(self) -> bool:
+        """Model builds the vision tower: the config describes one and the loader has not
+        said that the checkpoint lacks its weights (see `with_vision`)."""
+        return self.vision_config is not None and self.with_vision is not False
 
 
 def _per_layer(c, n, key, allowed, *, legacy_key, legacy, legacy_map, default):

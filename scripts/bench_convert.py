@@ -125,7 +125,7 @@ def write_checkpoint(path: Path, config: dict, layout: str, shard_bytes: int = 2
 
     sparse: headers only, the data left as holes (files of the full size, zeros, no disk used).
     """
-    from minimax_m3_mlx.chat_format.tokenizer import write_tiny_tokenizer
+    from minimax_m3_mlx.synthetic import write_tiny_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     tensors = original_tensors(config, layout)

@@ -30,10 +30,10 @@ import pytest
 from mlx.utils import tree_map_with_path
 
 import minimax_m3_mlx
-from minimax_m3_mlx.convert import run as conv
+from minimax_m3_mlx import convert as conv
 from minimax_m3_mlx import synthetic
 from minimax_m3_mlx.convert import recipes
-from minimax_m3_mlx.weights.sanitize import CheckpointError, load_model
+from minimax_m3_mlx import CheckpointError, load_model
 from reference import build_reference, reference_logits, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,7 +328,7 @@ def test_interrupted_run_resumes_from_verified_shards(store, tmp_path, monkeypat
 
     out = tmp_path / "out"
     finished = []
-    real_finish = conv.finish_shard
+    real_finish = conv.writer.finish_shard
 
     def crash_after_three(folder, shard, manifest):
         if len(finished) == 3:
@@ -336,7 +336,7 @@ def test_interrupted_run_resumes_from_verified_shards(store, tmp_path, monkeypat
         real_finish(folder, shard, manifest)
         finished.append(shard.name)
 
-    monkeypatch.setattr(conv, "finish_shard", crash_after_three)
+    monkeypatch.setattr(conv.writer, "finish_shard", crash_after_three)
     with pytest.raises(RuntimeError, match="simulated crash"):
         conv.convert(str(src), str(out), **flags, **QUIET)
     assert not out.exists(), "a failed run left an output folder"
@@ -349,7 +349,7 @@ def test_interrupted_run_resumes_from_verified_shards(store, tmp_path, monkeypat
     data[-5] ^= 0xFF
     victim.write_bytes(bytes(data))
 
-    monkeypatch.setattr(conv, "finish_shard", real_finish)
+    monkeypatch.setattr(conv.writer, "finish_shard", real_finish)
     logs = []
     r = conv.convert(str(src), str(out), **flags, progress=False, log=logs.append)
     assert r.shards_reused == 2

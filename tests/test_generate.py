@@ -12,16 +12,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from minimax_m3_mlx import synthetic  # noqa: E402
-from minimax_m3_mlx.chat_format.tokenizer import (  # noqa: E402
+from minimax_m3_mlx.chat_format.markers import (  # noqa: E402
     NS_TOKEN,
-    SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
     TOOL_CALL_START,
-    ThinkingModeError,
-    resolve_thinking_mode,
 )
+from minimax_m3_mlx.chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode  # noqa: E402
+from minimax_m3_mlx.synthetic import SPECIAL_TOKENS  # noqa: E402
 from minimax_m3_mlx.chat_format.tool_parser import parse_tool_call, split_tool_calls  # noqa: E402
 
 SMALL_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -61,7 +60,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    from minimax_m3_mlx.serving.generate import load
+    from minimax_m3_mlx import load
 
     return load(str(ckpt[0]))
 

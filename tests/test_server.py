@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from minimax_m3_mlx import synthetic  # noqa: E402
-from minimax_m3_mlx.chat_format.tokenizer import NS_TOKEN, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START  # noqa: E402
+from minimax_m3_mlx.chat_format.markers import NS_TOKEN, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START  # noqa: E402
 
 MAX_TOKENS = 12
 TOOLS = [{"type": "function", "function": {
@@ -45,7 +45,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(ckpt):
     """The same checkpoint loaded here, to compute what the server should answer."""
-    from minimax_m3_mlx.serving.generate import load
+    from minimax_m3_mlx import load
 
     return load(str(ckpt))
 

@@ -19,9 +19,8 @@ import torch
 from reference import build_reference, rel_err
 
 from minimax_m3_mlx import CheckpointError, load_model, synthetic
-from minimax_m3_mlx.model.vision import (
-    FeatureCache, PlaceholderMismatch, encode_grids, sanitize_vision, vision_hidden_states,
-)
+from minimax_m3_mlx.model.vision import FeatureCache, PlaceholderMismatch, encode_grids, vision_hidden_states
+from minimax_m3_mlx.weights.vision_names import sanitize_vision
 
 TOL = 1e-4
 IMG, VID = 300, 301  # image_token_index / video_token_index of synthetic.tiny_config

@@ -26,7 +26,7 @@ import json
 import re
 from typing import Any, Dict, List, Optional
 
-from .tokenizer import NS_TOKEN
+from .markers import NS_TOKEN
 
 tool_call_start = NS_TOKEN + "<tool_call>"
 tool_call_end = NS_TOKEN + "</tool_call>"

@@ -8,7 +8,7 @@ import sys
 # command -> (module, help). Each module has `main(argv: list[str] | None) -> int | None`.
 COMMANDS = {
     "demo": ("minimax_m3_mlx.cli.demo", "write a tiny MXFP8 checkpoint, load it and generate (no network)"),
-    "convert": ("minimax_m3_mlx.convert.run", "convert a released checkpoint to an MLX model"),
+    "convert": ("minimax_m3_mlx.convert.cli", "convert a released checkpoint to an MLX model"),
     "generate": ("minimax_m3_mlx.serving.generate", "generate text from a prompt"),
     "chat": ("minimax_m3_mlx.serving.chat", "chat at the terminal"),
     "server": ("minimax_m3_mlx.serving.server", "OpenAI-compatible server (mlx-lm's)"),

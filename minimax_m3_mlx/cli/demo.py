@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.generate import stream_generate
+
+from .. import synthetic
+from ..loading import load
 
 
 def main(argv=None) -> int:
@@ -28,11 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="write the checkpoint here and keep it")
     args = p.parse_args(argv)
-
-    from mlx_lm.generate import stream_generate
-
-    from ..synthetic import checkpoints as synthetic
-    from ..weights.sanitize import load
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="minimax-m3-demo-"))
     try:

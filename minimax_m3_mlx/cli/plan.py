@@ -7,8 +7,8 @@ For each layout the hosts allow (tensor parallel, pipeline parallel, both), ever
 weights, KV cache (K and V of its KV heads), index-key cache, and an estimate of the
 transient memory of one prefill chunk; whether that fits each host; and the layout to
 use. The weight and cache figures are computed by the code that sizes the real load
-(distributed.rank_usage / cache_bytes on the tensor table that recipes.output_tensors
-writes, or that a checkpoint's headers give): they are the bytes `load_sharded` loads
+(parallel.sizing.rank_usage / cache_bytes on the tensor table that convert.recipes.output_tensors
+writes, or that a checkpoint's headers give): they are the bytes the per-rank loader (loading/sharded.py) loads
 and the caches allocate, not an approximation of them.
 """
 
@@ -22,7 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..loading import sharded as dist
+from ..config import ModelArgs
+from ..convert.recipes import (
+    REAL_CONFIG, RECIPES, Policy, QuantSpec, config_dtype, model_layout, output_tensors, uniform_policy,
+)
+from ..loading.sharded import inspect_checkpoint
+from ..parallel.sizing import activation_bytes, cache_bytes, rank_usage, table_from_shapes
+from ..weights.sharding import ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split
 
 GB = 1e9
 # Recipes beyond recipes.RECIPES: the published checkpoints as they load, and uniform affine.
@@ -35,15 +41,11 @@ UNIFORM = re.compile(r"^q([2-8])$")  # q4: 4-bit affine g64 everywhere (router e
 
 
 def recipe_names() -> List[str]:
-    from ..convert.recipes import RECIPES
-
     return list(RECIPES) + list(EXTRA_RECIPES) + ["q2", "q3", "q4", "q5", "q6", "q8"]
 
 
 def recipe_policy(name: str):
     """A recipes.Policy for `name` (None: unquantised)."""
-    from ..convert.recipes import RECIPES, Policy, QuantSpec, uniform_policy
-
     if name in RECIPES:
         return RECIPES[name]
     if name == "bf16":
@@ -58,12 +60,10 @@ def recipe_policy(name: str):
     raise SystemExit(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
 
 
-def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, dist.TensorInfo]:
+def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, TensorInfo]:
     """The tensors of the model `config` describes, converted with `recipe`."""
-    from ..convert.recipes import config_dtype, model_layout, output_tensors
-
     shapes, quantisable = model_layout(config)
-    return dist.table_from_shapes(output_tensors(shapes, quantisable, recipe_policy(recipe),
+    return table_from_shapes(output_tensors(shapes, quantisable, recipe_policy(recipe),
                                                  dtype or config_dtype(config)))
 
 
@@ -111,16 +111,16 @@ def plan_for(args, table, tensor: int, pipeline: int, capacities: Sequence[int],
                 batch: int = 1, chunk: int = 2048, dtype_bytes: int = 2) -> LayoutPlan:
     name = "tensor" if pipeline == 1 else "pipeline" if tensor == 1 else f"both ({tensor} x {pipeline})"
     try:
-        dist.check_tensor_parallel(args, table, tensor)
-        dist.check_pipeline(args.num_hidden_layers, pipeline)
-    except dist.ShardingError as e:
+        check_tensor_parallel(args, table, tensor)
+        check_pipeline(args.num_hidden_layers, pipeline)
+    except ShardingError as e:
         return LayoutPlan(name, tensor, pipeline, [], str(e))
-    split = dist.default_split(args, table, pipeline)
+    split = default_split(args, table, pipeline)
     ranks = []
     for r in range(tensor * pipeline):
-        u = dist.rank_usage(args, table, tensor, pipeline, r, split)
-        kv, idx = dist.cache_bytes(args, context, tensor, u.layers, batch, dtype_bytes)
-        act = dist.activation_bytes(args, min(chunk, max(context, 1)), tensor, batch, dtype_bytes, context)
+        u = rank_usage(args, table, tensor, pipeline, r, split)
+        kv, idx = cache_bytes(args, context, tensor, u.layers, batch, dtype_bytes)
+        act = activation_bytes(args, min(chunk, max(context, 1)), tensor, batch, dtype_bytes, context)
         ranks.append(RankPlan(r, u.stage, u.tensor_rank, u.layers, u.weight_bytes, kv, idx, act, capacities[r]))
     return LayoutPlan(name, tensor, pipeline, ranks, split=split)
 
@@ -199,7 +199,7 @@ def format_plans(plans: List[LayoutPlan], hosts_gb: Sequence[float], title: str)
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", required=True, help="Macs and their memory: 2x192, 4x128 or 192,128 (GB)")
     src = ap.add_mutually_exclusive_group()
@@ -214,31 +214,53 @@ def main(argv=None) -> int:
                     help="memory left to macOS and other programs on each Mac (default 8)")
     ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
-    a = ap.parse_args(argv)
+    return ap
 
-    from ..config import ModelArgs
-    from ..convert.recipes import REAL_CONFIG, config_dtype
 
-    hosts = parse_hosts(a.hosts)
+def _source(a) -> Tuple[dict, Dict[str, TensorInfo], str]:
+    """(config, tensor table, what it is) from --model's headers, or --config with --recipe."""
     if a.model:
-        ck = dist.inspect_checkpoint(a.model)
-        config, table, what = ck.config, ck.table, f"checkpoint {a.model}"
-    else:
-        config = json.loads(Path(a.config or REAL_CONFIG).read_text())
-        recipe = a.recipe or "mac-256gb"
-        table = recipe_table(config, recipe, a.dtype)
-        what = f"recipe {recipe}"
+        ck = inspect_checkpoint(a.model)
+        return ck.config, ck.table, f"checkpoint {a.model}"
+    config = json.loads(Path(a.config or REAL_CONFIG).read_text())
+    recipe = a.recipe or "mac-256gb"
+    return config, recipe_table(config, recipe, a.dtype), f"recipe {recipe}"
+
+
+def _layouts(kind: str, n: int) -> List[Tuple[int, int]]:
+    layouts = candidate_layouts(n)
+    if kind != "all":
+        layouts = [(t, p) for t, p in layouts
+                   if (kind == "tensor" and p == 1) or (kind == "pipeline" and t == 1 and p > 1)
+                   or (kind == "both" and t > 1 and p > 1)]
+        if not layouts:
+            raise SystemExit(f"--layout {kind}: not possible with {n} host(s)")
+    return layouts
+
+
+def _print_recommendation(best: Optional[LayoutPlan], why: str) -> int:
+    if best is None:
+        print(f"Recommended: nothing — {why}")
+        return 1
+    mode = "tensor" if best.pipeline == 1 else "pipeline" if best.tensor == 1 else "both"
+    print(f"Recommended: {best.name} — {why}.")
+    print(f"  load with minimax_m3_mlx.load(path, mx.distributed.init(), mode={mode!r}"
+          + (f", tensor={best.tensor}" if mode == "both" else "") + ") under mlx.launch; see docs/distributed.md.")
+    need_mb = int(max(r.total for r in best.ranks) / 2**20) + 1024
+    print(f"  macOS wires at most ~75% of RAM for the GPU by default; allow this much on each Mac with:\n"
+          f"    sudo sysctl iogpu.wired_limit_mb={need_mb}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    hosts = parse_hosts(a.hosts)
+    config, table, what = _source(a)
     args = ModelArgs.from_dict(config)
     dtype = a.dtype or config_dtype(config)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
-    layouts = candidate_layouts(len(hosts))
-    if a.layout != "all":
-        layouts = [(t, p) for t, p in layouts
-                   if (a.layout == "tensor" and p == 1) or (a.layout == "pipeline" and t == 1 and p > 1)
-                   or (a.layout == "both" and t > 1 and p > 1)]
-        if not layouts:
-            raise SystemExit(f"--layout {a.layout}: not possible with {len(hosts)} host(s)")
-    plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes, layouts)
+    plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes,
+                       _layouts(a.layout, len(hosts)))
     best, why = recommend(plans)
     total_weights = sum(i.nbytes for i in table.values())
     if a.json:
@@ -253,17 +275,7 @@ def main(argv=None) -> int:
              f"({', '.join(f'{h:.0f}' for h in hosts)} GB, {a.reserve_gb:.0f} GB reserved each); "
              f"context {a.context} x batch {a.batch}, prefill chunk {a.prefill_chunk}, {dtype}")
     print(format_plans(plans, hosts, title))
-    if best is None:
-        print(f"Recommended: nothing — {why}")
-        return 1
-    mode = "tensor" if best.pipeline == 1 else "pipeline" if best.tensor == 1 else "both"
-    print(f"Recommended: {best.name} — {why}.")
-    print(f"  load with distributed.load_sharded(path, mode={mode!r}"
-          + (f", tensor={best.tensor}" if mode == "both" else "") + ") under mlx.launch; see docs/distributed.md.")
-    need_mb = int(max(r.total for r in best.ranks) / 2**20) + 1024
-    print(f"  macOS wires at most ~75% of RAM for the GPU by default; allow this much on each Mac with:\n"
-          f"    sudo sysctl iogpu.wired_limit_mb={need_mb}")
-    return 0
+    return _print_recommendation(best, why)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from mlx.utils import tree_flatten
+
+from ..config import ConfigError, ModelArgs
+from ..io.dtypes import FLOAT_TAGS, nbytes
+from ..model import Model
+from ..sizes import ceil_div
+
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 REAL_CONFIG = CONFIG_DIR / "minimax_m3.json"
-TINY_CONFIG = CONFIG_DIR / "tiny.json"
 
 # mode -> (default group size, default bits), as mlx-lm's convert.
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
@@ -40,8 +46,6 @@ MODE_LIMITS = {
     "nvfp4": ((4,), (16,)),
     "mxfp8": ((8,), (32,)),
 }
-DTYPE_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-TAG_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "U8": 1}
 
 # Module categories, in the order recipes and summaries list them.
 CATEGORIES = ("experts", "attention", "index", "shared", "dense", "embed", "lm_head", "router", "vision")
@@ -236,7 +240,7 @@ class SizeEstimate:
 def output_tensors(param_shapes: Dict[str, Tuple[int, ...]], quantisable: Iterable[str],
                    policy: Optional[Policy], dtype: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     """name -> (shape, dtype tag) of every tensor a conversion writes, from the model's parameters."""
-    float_tag = DTYPE_TAGS[dtype]
+    float_tag = FLOAT_TAGS[dtype]
     quantisable = set(quantisable)
     out = {}
     for name, shape in param_shapes.items():
@@ -255,13 +259,6 @@ def keep_float32_tag(name: str) -> Optional[str]:
     return "F32" if name.endswith("e_score_correction_bias") else None
 
 
-def nbytes(shape: Tuple[int, ...], tag: str) -> int:
-    n = TAG_BYTES[tag]
-    for d in shape:
-        n *= d
-    return n
-
-
 def header_bytes(tensors: Dict[str, Tuple[Tuple[int, ...], str]], n_shards: int = 1) -> int:
     """Bytes of safetensors headers for these tensors (offsets sized as in a file of their total)."""
     total = sum(nbytes(s, t) for s, t in tensors.values())
@@ -273,16 +270,13 @@ def header_bytes(tensors: Dict[str, Tuple[Tuple[int, ...], str]], n_shards: int 
     return entries + per_shard * n_shards
 
 
-def lazy_model(config: dict, vision: bool = False):
+def lazy_model(config: dict, vision: bool = False) -> Model:
     """The model built lazily (no parameter memory until evaluated) for shapes and module types;
     with `vision`, its vision tower and projector too (the config must have a vision_config)."""
-    from ..config import ModelArgs
-    from ..model.model import Model
-
-    model = Model(ModelArgs.from_dict(config))
-    if vision:
-        model.build_vision()
-    return model
+    args = ModelArgs.from_dict(config)
+    if vision and args.vision_config is None:
+        raise ConfigError("vision_config: this config describes no vision tower")
+    return Model(replace(args, with_vision=bool(vision)))
 
 
 def has_vision_config(config: dict) -> bool:
@@ -298,8 +292,6 @@ def model_layout(config: dict, vision: bool = False) -> Tuple[Dict[str, Tuple[in
 
 @functools.lru_cache(maxsize=8)
 def _model_layout(config_json: str, vision: bool):
-    from mlx.utils import tree_flatten
-
     model = lazy_model(json.loads(config_json), vision)
     shapes = tuple((k, tuple(v.shape)) for k, v in tree_flatten(model.parameters()))
     predicate = model.quant_predicate
@@ -322,7 +314,7 @@ def estimate_size(config: dict, policy: Optional[Policy], dtype: Optional[str] =
     shapes, quantisable = model_layout(config, vision)
     tensors = output_tensors(shapes, quantisable, policy, dtype)
     tensor_bytes = sum(nbytes(s, t) for s, t in tensors.values())
-    n_shards = max(1, -(-tensor_bytes // shard_bytes))
+    n_shards = max(1, ceil_div(tensor_bytes, shard_bytes))
     by_cat: Dict[str, Tuple[int, int]] = {}
     for name, shape in shapes.items():
         cat = category(name.rpartition(".")[0]) or "norms"
@@ -345,7 +337,7 @@ def config_dtype(config: dict) -> str:
     for c in (text, config):
         for key in ("dtype", "torch_dtype"):
             d = str(c.get(key) or "").replace("torch.", "")
-            if d in DTYPE_TAGS:
+            if d in FLOAT_TAGS:
                 return d
     return "bfloat16"
 

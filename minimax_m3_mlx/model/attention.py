@@ -6,6 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace
 
 from . import msa
 from .cache import SparseKVCache
@@ -113,3 +114,17 @@ class Attention(nn.Module):
         cache.update_and_fetch(k, v)
         step = msa.compiled_decode_step(self.scale, self.block_size, self.topk, self.local_blocks)
         return step(q, idx_q, cache.keys, cache.values, cache.index_keys, mx.array(offset, dtype=mx.int32))
+
+    def shard(self, group) -> None:
+        """Keep this rank's KV groups, their query heads and the index heads that serve them
+        (index head h serves KV group h); the single index key stays whole. The output is
+        then this rank's partial sum (DecoderLayer sums it)."""
+        n = group.size()
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            shard_inplace(proj, "all-to-sharded", group=group)
+        shard_inplace(self.o_proj, "sharded-to-all", group=group)
+        self.n_heads //= n
+        self.n_kv_heads //= n
+        if self.is_sparse:
+            shard_inplace(self.indexer.q_proj, "all-to-sharded", group=group)
+            self.indexer.n_heads //= n

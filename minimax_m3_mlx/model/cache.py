@@ -15,13 +15,15 @@ import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
 from mlx_lm.models.cache import KVCache
 
+from ..sizes import cache_step
+
 
 class SparseKVCache(KVCache):
     def __init__(self, block_size: int = 128, index_dtype: Optional[str] = None):
         super().__init__()
         self.block_size = block_size
         # Allocation granularity: whole blocks, at least mlx-lm's 256 tokens.
-        self.step = block_size * max(1, -(-256 // block_size))
+        self.step = cache_step(block_size)
         self.index_keys = None
         # A name ("float32"), not an mx.Dtype: mlx-lm's server deep-copies caches, and
         # an mx.Dtype cannot be copied. None keeps the model's dtype.
@@ -87,7 +89,7 @@ class SparseKVCache(KVCache):
         self.keys, self.values, self.index_keys, self.offset, self.block_size, index_dtype = v
         self.offset, self.block_size = int(self.offset), int(self.block_size)
         self.index_dtype = index_dtype or None
-        self.step = self.block_size * max(1, -(-256 // self.block_size))
+        self.step = cache_step(self.block_size)
         if self.keys is not None:
             # Loaded arrays are exactly `offset` long; re-pad to whole blocks.
             self.keys = self._pad(self.keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.rope_utils import initialize_rope
 
@@ -51,3 +52,9 @@ class DenseMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.activation(self.up_proj(x), self.gate_proj(x)))
+
+    def shard(self, group) -> None:
+        """Keep this rank's slice of the intermediate dimension; the output is then a partial sum."""
+        shard_inplace(self.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(self.up_proj, "all-to-sharded", group=group)
+        shard_inplace(self.down_proj, "sharded-to-all", group=group)

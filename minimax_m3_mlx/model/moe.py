@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelArgs
@@ -43,16 +44,18 @@ class SparseMoeBlock(nn.Module):
         )
         self.shared_experts = DenseMLP(args, args.shared_intermediate_size)
         self.routed_scaling_factor = args.routed_scaling_factor
-        # Set by Model.shard: the routed and shared experts then hold slices of their
-        # intermediate dimension, and one all-sum joins both.
-        self.sharding_group = None
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
         y = self.switch_mlp(x, inds)
         # Weights stay float32 until after the sum, as in the reference.
         y = (y * weights[..., None]).sum(axis=-2) * self.routed_scaling_factor
-        y = y.astype(x.dtype) + self.shared_experts(x)
-        if self.sharding_group is not None:
-            y = mx.distributed.all_sum(y, group=self.sharding_group)
-        return y
+        return y.astype(x.dtype) + self.shared_experts(x)
+
+    def shard(self, group) -> None:
+        """Keep every routed expert's and the shared expert's slice of the intermediate
+        dimension; the router stays whole. The output is then this rank's partial sum."""
+        shard_inplace(self.switch_mlp.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_mlp.up_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_mlp.down_proj, "sharded-to-all", group=group)
+        self.shared_experts.shard(group)

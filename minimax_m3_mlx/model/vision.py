@@ -17,14 +17,13 @@ MiniMaxM3VLModel.forward):
 Parameter names (ours) are transformers' without the leading `model.`:
 `vision_tower.embeddings.proj.weight` [E, C, T, P, P], `vision_tower.pre_layrnorm.*`,
 `vision_tower.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, layer_norm2, mlp.fc1, mlp.fc2}.*`,
-`multi_modal_projector.{linear_1, linear_2, merge_linear_1, merge_linear_2}.*`.
-`sanitize_vision` maps the published and the transformers 5.x names onto them.
+`multi_modal_projector.{linear_1, linear_2, merge_linear_1, merge_linear_2}.*`
+(weights/vision_names.py maps the published and the transformers 5.x names onto them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,11 +34,6 @@ import numpy as np
 
 from ..config import ConfigError
 
-# Where vision tensors live in any layout (the published one, transformers 5.x, ours).
-VISION_PREFIXES = (
-    "vision_tower.", "multi_modal_projector.", "patch_merge_mlp.",
-    "model.vision_tower.", "model.multi_modal_projector.",
-)
 DEFAULT_PROJECTOR_HIDDEN = 6144  # MiniMaxM3VLConfig.projector_hidden_size's default
 
 
@@ -441,90 +435,10 @@ def has_vision(model) -> bool:
     return "vision_tower" in model and "multi_modal_projector" in model
 
 
-def build_vision(model) -> None:
-    """Give `model` its vision tower and projector, as its config's vision_config describes."""
-    args = model.args
+def vision_modules(args) -> Tuple[VisionModel, MultiModalProjector]:
+    """The vision tower and projector that `args.vision_config` describes (Model builds them)."""
     if args.vision_config is None:
         raise ConfigError("vision_config: this config describes no vision tower")
     a = VisionArgs.from_dict(args.vision_config)
-    projector_hidden = getattr(args, "projector_hidden_size", None) or DEFAULT_PROJECTOR_HIDDEN
-    model.vision_tower = VisionModel(a)
-    model.multi_modal_projector = MultiModalProjector(a, args.hidden_size, int(projector_hidden))
-
-
-# -- checkpoint names ------------------------------------------------------------------------------------------
-_RENAMES = [
-    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-    (re.compile(r"^vision_tower\.vision_model\.embeddings\.patch_embedding\."), "vision_tower.embeddings.proj."),
-    (re.compile(r"^vision_tower\.vision_model\.encoder\.layers\."), "vision_tower.layers."),
-    (re.compile(r"^vision_tower\.vision_model\.pre_layrnorm\."), "vision_tower.pre_layrnorm."),
-    (re.compile(r"^patch_merge_mlp\.linear_"), "multi_modal_projector.merge_linear_"),
-]
-_PARAM = r"(weight|bias|scales|biases)"
-_OURS = re.compile(
-    r"^(vision_tower\.embeddings\.proj\.weight"
-    r"|vision_tower\.pre_layrnorm\.(weight|bias)"
-    r"|vision_tower\.layers\.\d+\.(layer_norm[12]\.(weight|bias)"
-    rf"|self_attn\.(q|k|v|out)_proj\.{_PARAM}|mlp\.fc[12]\.{_PARAM})"
-    rf"|multi_modal_projector\.(merge_)?linear_[12]\.{_PARAM})$"
-)
-
-
-def vision_name(key: str) -> str:
-    """One vision tensor's name (published, transformers 5.x, or ours) -> ours."""
-    for pattern, repl in _RENAMES:
-        key = pattern.sub(repl, key)
-    return key
-
-
-def sanitize_vision(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Vision tensors in any layout -> this package's names; an unknown vision name is an error.
-
-    FP8 pairs (`weight` + `weight_scale_inv`) must already be resolved (see sanitize_model_vision).
-    """
-    from ..weights.sanitize import CheckpointError
-
-    out = {}
-    for k, v in weights.items():
-        name = vision_name(k)
-        if not _OURS.match(name):
-            raise CheckpointError(f"{k}: a vision tensor this model does not know (read as {name})")
-        if name in out:
-            raise CheckpointError(f"{k}: the checkpoint holds {name} twice (in two naming layouts)")
-        if name == "vision_tower.embeddings.proj.weight" and v.ndim != 5:
-            raise CheckpointError(f"{k}: the patch embedding must be the Conv3d's [E, C, T, P, P] weight, "
-                                  f"got shape {tuple(v.shape)}")
-        out[name] = v
-    return out
-
-
-def _resolve_fp8(args, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Vision tensors quantised in the source (the releases leave them in BF16) are dequantised:
-    the tower is small and stays at full precision."""
-    from ..weights.sanitize import MX_BLOCK, model_dtype, unpack_quantized
-
-    if not any(k.endswith((".weight_scale_inv", ".weight_scale")) for k in weights):
-        return weights
-    out, packed = unpack_quantized(args, weights)
-    for base in packed:
-        w, s = out.pop(f"{base}.weight"), out.pop(f"{base}.scales")
-        out[f"{base}.weight"] = mx.dequantize(w, s, group_size=MX_BLOCK, bits=8, mode="mxfp8").astype(
-            model_dtype(args))
-    return out
-
-
-def sanitize_model_vision(model, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """The vision part of Model.sanitize: our-named vision tensors, building the tower on the way.
-
-    The tower exists only where the config describes one AND the checkpoint holds its weights:
-    a checkpoint without any vision tensor (a text-only conversion) loads as a text model.
-    Vision tensors next to a config without vision_config are set aside, as before.
-    """
-    vision = {k: v for k, v in weights.items() if k.startswith(VISION_PREFIXES)}
-    if not vision or model.args.vision_config is None:
-        return {}
-    vision = sanitize_vision(_resolve_fp8(model.args, vision))
-    if not has_vision(model):
-        build_vision(model)
-    return vision
+    projector_hidden = args.projector_hidden_size or DEFAULT_PROJECTOR_HIDDEN
+    return VisionModel(a), MultiModalProjector(a, args.hidden_size, int(projector_hidden))

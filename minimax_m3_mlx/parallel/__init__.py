@@ -1,1 +1,1 @@
-"""TODO"""
+"""Parallel inference planning: per-rank sizes and layouts (the model shards itself: model/)."""

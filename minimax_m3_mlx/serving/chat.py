@@ -23,10 +23,10 @@ from .generate import (
     add_common_args,
     chat_prompt,
     generate,
-    load,
     make_cli_sampler,
 )
-from ..chat_format.tokenizer import THINKING_MODES
+from ..chat_format.markers import THINKING_MODES
+from ..loading import load
 
 HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit"
 

@@ -35,7 +35,9 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from ..chat_format.tokenizer import THINKING_MODES, configure_tokenizer
+from ..chat_format.markers import THINKING_MODES
+from ..loading import load, resolve_path
+from . import multimodal
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -43,24 +45,6 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 # -- library ------------------------------------------------------------------------------------
-def load(model_path: str, thinking: Optional[str] = None, parallel: str = "tensor"):
-    """(model, tokenizer) with MiniMax-M3's chat conventions on the tokenizer.
-
-    Under `mlx.launch` (more than one rank) each rank loads only its part of the model,
-    split as `parallel` says (see distributed.py); alone, the whole model.
-    """
-    group = mx.distributed.init()
-    if group.size() > 1:
-        from ..loading.sharded import load as load_sharded
-
-        model, tokenizer = load_sharded(model_path, group, mode=parallel)
-    else:
-        from ..weights.sanitize import load as load_checkpoint
-
-        model, tokenizer = load_checkpoint(model_path)
-    return model, configure_tokenizer(tokenizer, thinking=thinking)
-
-
 def chat_prompt(tokenizer, messages: List[Dict[str, Any]], thinking: Optional[str] = None,
                 tools: Optional[list] = None) -> List[int]:
     """Token ids of `messages` + the assistant's generation prompt for a thinking mode."""
@@ -125,8 +109,6 @@ class PromptCache:
     # A cache file is only valid for the model (config) that wrote it.
     @staticmethod
     def fingerprint(model_path: str) -> str:
-        from ..weights.sanitize import resolve_path
-
         return hashlib.sha256((resolve_path(model_path) / "config.json").read_bytes()).hexdigest()
 
     def save(self, path: str, model_path: str) -> None:
@@ -323,8 +305,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def media_prompt(model, tokenizer, args, messages):
     """Token ids and embeddings of a chat prompt holding --image / --video inputs."""
-    from . import multimodal
-
     if not model.has_vision:
         raise ValueError(f"{args.model} has no vision tower (a text-only checkpoint or conversion)")
     markers = multimodal.IMAGE_MARKER * len(args.image) + multimodal.VIDEO_MARKER * len(args.video)
@@ -346,7 +326,7 @@ def main(argv=None) -> int:
         mx.random.seed(args.seed)
     if mx.distributed.init().rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
-    model, tokenizer = load(args.model, thinking=args.thinking, parallel=args.parallel)
+    model, tokenizer = load(args.model, mx.distributed.init(), args.parallel, thinking=args.thinking)
 
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt

@@ -4,7 +4,7 @@ A thin layer over `mlx_lm.server` (its HTTP handler, request queue, prompt cache
 and streaming are used as they are); what differs:
 
 - the model is loaded with this package's loader (every released checkpoint layout), and
-  the tokenizer gets MiniMax-M3's conventions (tokenizer.configure_tokenizer): reasoning
+  the tokenizer gets MiniMax-M3's conventions (chat_format.tokenizer.configure_tokenizer): reasoning
   in `<mm:think>`, tool calls in `]<]minimax[>[<tool_call>` blocks parsed into OpenAI
   `tool_calls` by tool_parser.py;
 - the thinking mode per request, from any of: `chat_template_kwargs.thinking_mode`
@@ -45,7 +45,9 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from ..chat_format.tokenizer import THINKING_MODES, ThinkingModeError, configure_tokenizer, resolve_thinking_mode
+from ..chat_format.markers import THINKING_MODES
+from ..chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode
+from ..loading import load, resolve_path
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
@@ -61,16 +63,12 @@ class MiniMaxModelProvider(ModelProvider):
     """
 
     def __init__(self, cli_args):
-        from ..weights.sanitize import resolve_path
-
         super().__init__(cli_args)
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
         for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
             self._model_map.setdefault(alias, cli_args.model)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        from ..weights.sanitize import load, resolve_path
-
         if adapter_path is not None or draft_model_path is not None:
             raise ValueError("adapters and draft models are not supported for MiniMax-M3")
         path = resolve_path(model_path)  # fails before the current model is dropped
@@ -79,20 +77,16 @@ class MiniMaxModelProvider(ModelProvider):
         gc.collect()
         mx.clear_cache()
         tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
-        if self.is_distributed:  # under mlx.launch: this rank's part (mlx-lm's --pipeline picks the split)
-            from ..loading.sharded import load as load_sharded
-
-            mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
-            model, tokenizer = load_sharded(path, mx.distributed.init(), mode=mode,
-                                            tokenizer_config=tokenizer_config)
-        else:
-            model, tokenizer = load(path, tokenizer_config=tokenizer_config)
-        tokenizer = configure_tokenizer(tokenizer, thinking=self.cli_args.thinking)
+        # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
+        group = mx.distributed.init() if self.is_distributed else None
+        mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
+        model, tokenizer = load(path, group, mode, tokenizer_config=tokenizer_config,
+                                thinking=self.cli_args.thinking)
 
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
-        self.processor = None  # text only until the vision tower lands
+        self.processor = None  # the server takes text only (see _check_messages); images: generate --image
         self.draft_model = None
         self.is_batchable = False  # see the module docstring
 

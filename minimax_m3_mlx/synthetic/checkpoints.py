@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import json
-import struct
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import mlx.core as mx
 import numpy as np
+
+from ..io.writer import write_safetensors
+from .tokenizer import write_tiny_tokenizer
 
 LAYOUTS = ("original", "resave", "mxfp8", "fp8_ue8m0", "fp8")
 
@@ -219,14 +222,10 @@ def _is_fp8_target(name: str) -> bool:
 
 
 def _to_fp8_bytes(x: np.ndarray) -> np.ndarray:
-    import mlx.core as mx
-
     return np.array(mx.to_fp8(mx.array(x.astype(np.float32))))
 
 
 def _from_fp8_bytes(b: np.ndarray) -> np.ndarray:
-    import mlx.core as mx
-
     return np.array(mx.from_fp8(mx.array(b), mx.float32))
 
 
@@ -327,29 +326,6 @@ def from_original_names(dequantised: Dict[str, np.ndarray], weights: Dict[str, n
 
 
 # -- files ------------------------------------------------------------------------------------------
-_NP = {"F32": np.float32, "U8": np.uint8, "F8_E4M3": np.uint8, "BF16": np.uint16, "F16": np.float16,
-       "U32": np.uint32, "I32": np.int32}
-
-
-def write_safetensors(path: Path, tensors: Dict[str, Tuple[np.ndarray, str]], metadata: Optional[dict] = None):
-    """A safetensors file with explicit dtype tags (numpy has no float8 or bfloat16)."""
-    header, offset, blobs = {}, 0, []
-    for name, (arr, tag) in tensors.items():
-        data = np.ascontiguousarray(arr.astype(_NP[tag], copy=False)).tobytes()
-        header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
-
-
 def write_checkpoint(path, config: dict, weights: Dict[str, np.ndarray], layout: str = "original",
                      shard_bytes: int = 1 << 20, fp8_block: Tuple[int, int] = (128, 128),
                      tokenizer: bool = True) -> Dict[str, np.ndarray]:
@@ -377,7 +353,5 @@ def write_checkpoint(path, config: dict, weights: Dict[str, np.ndarray], layout:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     if tokenizer:
-        from ..chat_format.tokenizer import write_tiny_tokenizer
-
         write_tiny_tokenizer(path, cfg)
     return reference
