@@ -3,7 +3,7 @@
     mlx.launch --backend ring -n 4 --python PY tests/dist_worker.py SPEC.json
 
 SPEC.json: {"out": folder, "prompt": [...], "decode": [...], "cases": [...]}. Each case
-loads a checkpoint with distributed.load_sharded (or checks that a layout is refused),
+loads a checkpoint with loading.sharded.load_sharded (or checks that a layout is refused),
 runs a prefill and the decode steps, and writes this rank's logits (npz) and figures
 (json) to `out`; tests/test_distributed.py compares them with the single-process model.
 """

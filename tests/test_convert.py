@@ -302,7 +302,7 @@ def test_list_recipes_sizes_the_real_model(capsys):
     sizes = {n: recipes.estimate_size(real, p).file_bytes / 1e9 for n, p in recipes.RECIPES.items()}
     for name, gb in sizes.items():
         assert any(line.startswith(name) and f" {gb:.1f} " in line for line in text.splitlines()), name
-    # DESIGN.md: 428e9 parameters (426e9 text), 4-bit g64 ~ 4.5 bits ~ 241 GB, 3-bit experts ~ 187 GB
+    # The real model: 428e9 parameters (426e9 text), 4-bit g64 ~ 4.5 bits ~ 241 GB, 3-bit experts ~ 187 GB
     assert 235 < sizes["mac-512gb"] < 245
     assert sizes["mac-192gb"] < sizes["mac-256gb"] < sizes["mac-512gb"]
     for name, p in recipes.RECIPES.items():

@@ -2,7 +2,7 @@
 
 One launch per process count runs every case in tests/dist_worker.py (loading is the
 expensive part of a launch: ~4 s of imports per process); each test below checks one
-property of the results against the single-process model (checkpoint.load_model) run
+property of the results against the single-process model (minimax_m3_mlx.load_model) run
 here. Checkpoints are tiny but selection is active: a 66-token prompt over blocks of 4
 with top-3 blocks keeps 3 of 17 blocks per query and KV group.
 """
@@ -347,7 +347,7 @@ def test_balanced_split_is_optimal():
 
 
 def test_plan_real_model(capsys):
-    """The real model: KV and index figures as DESIGN.md derives them; 2x192 fits the
+    """The real model: KV and index figures worked out by hand (2 KiB K+V per token and layer); 2x192 fits the
     192 GB recipe with tensor parallel; 3 Macs cannot be tensor parallel."""
     from minimax_m3_mlx.convert.recipes import REAL_CONFIG
 

@@ -19,7 +19,7 @@ import torch
 from reference import build_reference, rel_err
 
 from minimax_m3_mlx import CheckpointError, load_model, synthetic
-from minimax_m3_mlx.model.vision import FeatureCache, PlaceholderMismatch, encode_grids, vision_hidden_states
+from minimax_m3_mlx.model.vision import FeatureCache, PlaceholderMismatch, encode_grids
 from minimax_m3_mlx.weights.vision_names import sanitize_vision
 
 TOL = 1e-4
@@ -113,6 +113,16 @@ def ours_logits(model, ids, img, img_grid, vid, vid_grid, **kw):
 
 
 # -- the tower and projector ------------------------------------------------------------------------
+def vision_hidden_states(model, pix: np.ndarray, grid: np.ndarray) -> mx.array:
+    """The tower's last hidden states for all grid entries, concatenated (no projector)."""
+    out, start = [], 0
+    for g in grid.reshape(-1, 3).tolist():
+        n = g[0] * g[1] * g[2]
+        out.append(model.vision_tower(mx.array(pix[start:start + n]), g))
+        start += n
+    return mx.concatenate(out, axis=0)
+
+
 def test_vision_features_match_reference(case, loaded):
     img, img_grid, vid, vid_grid = media()
     ref = case.reference.model

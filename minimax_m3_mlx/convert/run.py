@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import huggingface_hub
 import numpy as np
 
 from ..config import ModelArgs
@@ -127,10 +129,8 @@ def resolve_source(hf_path: str, revision: Optional[str] = None, allow_patterns=
         return p
     if p.exists():
         raise ConvertError(f"--hf-path {hf_path}: a file, not a checkpoint folder")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(hf_path, revision=revision, allow_patterns=list(allow_patterns)))
+        return Path(huggingface_hub.snapshot_download(hf_path, revision=revision, allow_patterns=list(allow_patterns)))
     except Exception as e:  # HFValidationError, network and auth errors: all mean "cannot get it"
         raise ConvertError(f"--hf-path {hf_path}: not a local folder, and downloading it failed: {e}") from None
 
@@ -216,8 +216,6 @@ def _write(src: Path, out: Path, tmp: Path, config: dict, args: ModelArgs, plan:
 @contextlib.contextmanager
 def _exclusive(lock: Path):
     """One conversion per output: a second one would write into the same partial folder."""
-    import fcntl
-
     with open(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

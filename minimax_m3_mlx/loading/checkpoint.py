@@ -15,8 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Tuple
 
+import huggingface_hub
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from mlx.utils import tree_flatten
 
 from ..config import ModelArgs
@@ -34,11 +36,8 @@ def resolve_path(path_or_repo: str | Path) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{p} is a file; expected a checkpoint folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     try:
-        return Path(snapshot_download(str(path_or_repo), local_files_only=True))
+        return Path(huggingface_hub.snapshot_download(str(path_or_repo), local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
         raise CheckpointError(
             f"{path_or_repo}: not a local folder, and not a repo id in the local Hugging Face cache"

@@ -368,19 +368,6 @@ def encode_grids(model, pixel_values, grid_thw, cache: Optional[FeatureCache] = 
     return mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
 
-def vision_hidden_states(model, pixel_values, grid_thw) -> mx.array:
-    """The tower's last hidden states for all entries, concatenated (no projector): for tests."""
-    pix = _as_numpy(pixel_values)
-    grids = _grids(grid_thw)
-    check_grid(model.vision_tower.args, pix, grids)
-    out, start = [], 0
-    for g in grids:
-        n = g[0] * g[1] * g[2]
-        out.append(model.vision_tower(mx.array(pix[start:start + n]), g))
-        start += n
-    return mx.concatenate(out, axis=0)
-
-
 # -- placeholders ------------------------------------------------------------------------------------------
 class PlaceholderMismatch(ValueError):
     """The prompt's image / video placeholder tokens do not match the features given."""

@@ -207,17 +207,22 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
 
     out.text, out.reasoning = "".join(pieces["normal"]), "".join(pieces["reasoning"])
     out.tool_call_text = blocks
-    parser = getattr(tokenizer, "tool_parser", None)
-    for block in blocks:
-        if parser is None:
-            continue
+    _parse_tool_calls(out, getattr(tokenizer, "tool_parser", None), tools)
+    return out
+
+
+def _parse_tool_calls(out: Generation, parser, tools: Optional[list]) -> None:
+    """out.tool_calls from out.tool_call_text with the tokenizer's parser; blocks it refuses
+    (e.g. cut off mid-call by max tokens) go to out.unparsed_tool_calls."""
+    if parser is None:
+        return
+    for block in out.tool_call_text:
         try:
             parsed = parser(block, tools)
         except ValueError:
-            out.unparsed_tool_calls.append(block)  # e.g. cut off mid-call by max tokens
+            out.unparsed_tool_calls.append(block)
             continue
         out.tool_calls += parsed if isinstance(parsed, list) else [parsed]
-    return out
 
 
 # -- terminal output ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 IMAGE_MARKER = "]<]image[>["
 VIDEO_MARKER = "]<]video[>["
@@ -78,8 +79,6 @@ def load_processor(model_path, tokenizer=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
     if isinstance(tokenizer, TokenizerWrapper):
         tokenizer = tokenizer._tokenizer  # the Hugging Face tokenizer inside
     return Proc(image_processor=image, tokenizer=tokenizer, video_processor=video)

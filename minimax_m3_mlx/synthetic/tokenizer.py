@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+
 SPECIAL_TOKENS = {
     "]!p~[": 256,  # pad
     "]~!b[": 257,  # beginning of document (bos)
@@ -161,9 +164,6 @@ CHAT_TEMPLATE = r"""
 
 
 def write_tiny_tokenizer(path: Path, config: dict) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
     path = Path(path)
     byte_chars = ByteLevel.alphabet()
     # Order byte symbols by the byte they stand for so that id == byte value.

@@ -1,6 +1,6 @@
 """Every released on-disk layout mapped onto this package's parameter names.
 
-Layouts (tensor names in /work/shared/DESIGN.md's terms):
+Layouts:
 - original: `language_model.model.layers.N.block_sparse_moe.experts.E.w{1,2,3}`,
   `self_attn.index_{q,k}_{proj,norm}`, `language_model.lm_head`;
 - transformers 5.x re-save: `model.language_model.*`, `lm_head`, `self_attn.indexer.*`,
