@@ -20,6 +20,7 @@ from mlx_lm.generate import stream_generate
 
 from .. import synthetic
 from ..loading import load
+from ..sizes import ceil_div
 
 
 def main(argv=None) -> int:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s")
             print(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
             print(f"peak memory: {last.peak_memory:.3f} GB")
-            blocks = -(-(last.prompt_tokens + last.generation_tokens) // sac["sparse_block_size"])
+            blocks = ceil_div(last.prompt_tokens + last.generation_tokens, sac["sparse_block_size"])
             print(f"context at the end: {blocks} blocks, of which each query kept {sac['sparse_topk_blocks']}")
     finally:
         if not args.keep:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import ModelArgs
+from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
     REAL_CONFIG, RECIPES, Policy, QuantSpec, config_dtype, model_layout, output_tensors, uniform_policy,
 )
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context", type=int, default=32768, help="tokens of context per sequence (default 32768)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prefill step size (mlx-lm default 2048)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="float dtype (default: config's)")
+    ap.add_argument("--dtype", choices=list(FLOAT_TAGS), help="float dtype (default: config's)")
     ap.add_argument("--reserve-gb", type=float, default=8.0,
                     help="memory left to macOS and other programs on each Mac (default 8)")
     ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     config, table, what = _source(a)
     args = ModelArgs.from_dict(config)
     dtype = a.dtype or config_dtype(config)
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    dtype_bytes = DTYPES[FLOAT_TAGS[dtype]].itemsize
     plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes,
                        _layouts(a.layout, len(hosts)))
     best, why = recommend(plans)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
 from mlx_lm.models.cache import KVCache
 
-from ..sizes import cache_step
+from ..sizes import cache_step, ceil_div
 
 
 class SparseKVCache(KVCache):
@@ -34,7 +34,7 @@ class SparseKVCache(KVCache):
         """Return `arr` with room for `needed` slots (whole steps), keeping its first `self.offset`."""
         if arr is not None and needed <= arr.shape[2]:
             return arr
-        n = -(-needed // self.step) * self.step
+        n = ceil_div(needed, self.step) * self.step
         shape = (like.shape[0], like.shape[1], n, like.shape[3])
         new = mx.zeros(shape, like.dtype)
         if arr is not None and self.offset > 0:
@@ -98,7 +98,7 @@ class SparseKVCache(KVCache):
                 self.index_keys = self._pad(self.index_keys)
 
     def _pad(self, arr: mx.array) -> mx.array:
-        n = -(-max(arr.shape[2], 1) // self.step) * self.step
+        n = ceil_div(max(arr.shape[2], 1), self.step) * self.step
         if n == arr.shape[2]:
             return arr
         pad = mx.zeros((*arr.shape[:2], n - arr.shape[2], arr.shape[3]), arr.dtype)

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..io.writer import write_safetensors
+from ..sizes import ceil_div
 from .tokenizer import write_tiny_tokenizer
 
 LAYOUTS = ("original", "resave", "mxfp8", "fp8_ue8m0", "fp8")
@@ -246,7 +247,7 @@ def quantize_fp8_blocks(w: np.ndarray, block: Tuple[int, int]) -> Tuple[np.ndarr
     """DeepSeek-style FP8: e4m3 bytes and a float32 scale per (bo x bi) block, edges ragged."""
     bo, bi = block
     out_dim, in_dim = w.shape
-    so, si = -(-out_dim // bo), -(-in_dim // bi)
+    so, si = ceil_div(out_dim, bo), ceil_div(in_dim, bi)
     scale = np.zeros((so, si), np.float32)
     for i in range(so):
         for j in range(si):
