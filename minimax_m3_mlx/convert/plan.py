@@ -320,7 +320,7 @@ def keeps_vision(tensors: Dict[str, StoredTensor], args: ModelArgs, drop_vision:
 def plan_conversion(folder: Path, config: dict, policy: Optional[Policy], dtype: str,
                     shard_bytes: int, chunk_elements: int = CHUNK_ELEMENTS, drop_vision: bool = False) -> Plan:
     """The whole output from the source's headers. The vision tower is planned (and checked
-    tensor by tensor against the model's, via build_vision) when keeps_vision says so."""
+    tensor by tensor against the model's, which has the tower then) when keeps_vision says so."""
     args = ModelArgs.from_dict(config)
     tensors = locate(folder)
     vision = keeps_vision(tensors, args, drop_vision)
