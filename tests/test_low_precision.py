@@ -13,7 +13,7 @@ import pytest
 import mlx.core as mx
 
 from minimax_m3_mlx import cli, synthetic
-from minimax_m3_mlx.checkpoint import load_model
+from minimax_m3_mlx import load_model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def bf16_source(rounded, tmp_path_factory):
 def test_expert_matmul_of_half_weights_is_the_float32_one():
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    from minimax_m3_mlx.moe import ExpertLinear
+    from minimax_m3_mlx.model.moe import ExpertLinear
 
     ref = SwitchLinear(16, 8, 4, bias=False)
     half = ExpertLinear(16, 8, 4, bias=False)

@@ -43,6 +43,6 @@ def test_readme_python_snippet_as_written(kind, sources, tmp_path, monkeypatch, 
     scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)
     model, config = scope["model"], scope["config"]
-    assert type(model).__module__ == "minimax_m3_mlx.model"
+    assert type(model).__module__.startswith("minimax_m3_mlx.model")
     assert isinstance(config, dict) and "text_config" in config
     assert capsys.readouterr().out  # the streamed text

@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    from minimax_m3_mlx.server import Server, setup_arg_parser
+    from minimax_m3_mlx.serving.server import Server, setup_arg_parser
 
     srv = Server(setup_arg_parser().parse_args(
         ["--model", str(ckpt), "--port", "0", "--max-tokens", "8", "--thinking", "disabled"])).start()
@@ -42,7 +42,7 @@ def server(ckpt):
 @pytest.fixture(scope="module")
 def no_eos(ckpt):
     """logit_bias that keeps the model from ending its reply (so that it runs into the limit)."""
-    from minimax_m3_mlx.generate import load
+    from minimax_m3_mlx import load
 
     tok = load(str(ckpt))[1]
     return {str(t): -100.0 for t in tok.eos_token_ids}

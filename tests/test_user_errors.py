@@ -270,7 +270,7 @@ def test_nothing_is_written_by_a_refused_convert(folders):
 
 
 def test_unexpected_error_says_so_and_verbose_shows_the_traceback(folders, capsys, monkeypatch):
-    from minimax_m3_mlx import generate
+    from minimax_m3_mlx.serving import generate
 
     def broken(*a, **k):
         raise KeyError("weights")
@@ -287,7 +287,7 @@ def test_unexpected_error_says_so_and_verbose_shows_the_traceback(folders, capsy
 
 
 def test_ctrl_c_in_generate_is_one_line(folders, capsys, monkeypatch):
-    from minimax_m3_mlx import generate
+    from minimax_m3_mlx.serving import generate
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -298,7 +298,7 @@ def test_ctrl_c_in_generate_is_one_line(folders, capsys, monkeypatch):
 
 
 def test_context_limit_at_and_past_the_edge(folders):
-    from minimax_m3_mlx import generate
+    from minimax_m3_mlx.serving import generate
 
     import mlx.core as mx
 
@@ -336,7 +336,7 @@ def test_generate_stops_at_the_context_limit(folders, capsys):
 
 
 def test_chat_refuses_a_message_past_the_context_and_keeps_the_conversation(folders, capsys):
-    from minimax_m3_mlx import chat, generate
+    from minimax_m3_mlx.serving import chat, generate
 
     lines = iter(["hello", LONG_PROMPT, "again", "/exit"])
     sessions = []
@@ -393,13 +393,14 @@ def test_subprocess_error_is_one_line_and_verbose_adds_the_traceback(folders):
 # Converts with a pause after each finished shard, so that Ctrl-C lands mid-run.
 SLOW_CONVERT = """
 import sys, time
-from minimax_m3_mlx import cli, convert
-real = convert.finish_shard
+from minimax_m3_mlx import cli
+from minimax_m3_mlx.convert import writer
+real = writer.finish_shard
 def slow(*a, **k):
     real(*a, **k)
     print("shard done", flush=True)
     time.sleep(0.4)
-convert.finish_shard = slow
+writer.finish_shard = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -1,0 +1,532 @@
+"""`minimax-m3 server`: mlx-lm's OpenAI-compatible server running MiniMax-M3.
+
+A thin layer over `mlx_lm.server` (its HTTP handler, request queue, prompt cache, sampling
+and streaming are used as they are); what differs:
+
+- the model is loaded with this package's loader (every released checkpoint layout), and
+  the tokenizer gets MiniMax-M3's conventions (chat_format.tokenizer.configure_tokenizer): reasoning
+  in `<mm:think>`, tool calls in `]<]minimax[>[<tool_call>` blocks parsed into OpenAI
+  `tool_calls` by tool_parser.py;
+- the thinking mode per request, from any of: `chat_template_kwargs.thinking_mode`
+  ("enabled" / "adaptive" / "disabled", the template's variable, as vLLM and SGLang take
+  it), `chat_template_kwargs.enable_thinking` (bool), `thinking: {"type": ...}` (MiniMax's
+  and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
+  "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
+  reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
+- requests are checked before they are queued (messages, roles, tools, thinking mode,
+  the prompt's length against the context): a malformed one gets 400 with a message, not
+  an error from deep inside generation, and every refusal's body has OpenAI's shape,
+  `{"error": {"message", "type", "param", "code"}}` (mlx-lm writes `{"error": msg}`);
+- a reply stops at the context limit with finish_reason "length" (max_tokens is capped
+  to the room the prompt leaves);
+- /v1/models lists the served model whether or not a Hugging Face cache exists;
+- requests are served one at a time: mlx-lm's batched path would merge our caches into
+  its BatchKVCache, which knows nothing of the sparse layers' index keys;
+- the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
+  abort at exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+from mlx_lm.models.cache import LRUPromptCache
+from mlx_lm.server import (
+    APIHandler,
+    ModelProvider,
+    ResponseGenerator,
+    get_system_fingerprint,
+    process_message_content,
+)
+from mlx_lm.utils import _parse_size
+
+from ..arg_types import non_negative_float, non_negative_int, number, port, positive_int, probability
+from ..chat_format.markers import THINKING_MODES
+from ..chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode
+from ..config import ModelArgs
+from ..io import CheckpointError
+from ..io.reader import read_header, weight_files
+from ..loading import load, resolve_path
+from .generate import ContextLimitError, reply_room
+
+
+ROLES = ("system", "developer", "root", "user", "assistant", "tool")
+REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive", "medium": "adaptive",
+                    "high": "enabled", "xhigh": "enabled"}
+
+
+def _check_folder(path) -> None:
+    """What makes a folder unloadable, found from its config and file headers before the
+    server listens (the weights themselves load in the generation thread, where a failure
+    could only be logged)."""
+    ModelArgs.from_file(path)
+    for f in weight_files(path):
+        read_header(f)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+class MiniMaxModelProvider(ModelProvider):
+    """mlx-lm's model provider with this package's loader and MiniMax-M3's tokenizer setup.
+
+    Besides mlx-lm's "default_model", the served model answers to its path as given, its
+    resolved path (the id /v1/models lists) and its folder name, without a reload.
+    """
+
+    def __init__(self, cli_args):
+        super().__init__(cli_args)
+        path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
+        _check_folder(path)
+        for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
+            self._model_map.setdefault(alias, cli_args.model)
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        if adapter_path is not None or draft_model_path is not None:
+            raise ValueError("adapters and draft models are not supported for MiniMax-M3")
+        path = resolve_path(model_path)  # fails before the current model is dropped
+
+        self.reset()
+        gc.collect()
+        mx.clear_cache()
+        tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
+        # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
+        group = mx.distributed.init() if self.is_distributed else None
+        mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
+        model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
+                                thinking=self.cli_args.thinking)
+
+        self.model_key = (model_path, adapter_path, draft_model_path)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = None  # the server takes text only (see _check_messages); images: generate --image
+        self.draft_model = None
+        self.is_batchable = False  # see the module docstring
+
+
+class MiniMaxResponseGenerator(ResponseGenerator):
+    """mlx-lm's generation thread, which also frees its MLX streams when it ends, and
+    which reports whether the served model loaded (`wait_loaded`).
+
+    MLX 0.32 (CPU) can abort the process at exit ("terminate called without an active
+    exception") when a thread that made a stream has ended without destroying it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.loaded = threading.Event()
+        self.load_error: Optional[BaseException] = None
+        super().__init__(*args, **kwargs)
+
+    def wait_loaded(self) -> None:
+        """Block until the served model is loaded (the request checks need its tokenizer
+        and context); raise the loader's error if it failed."""
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def _generate(self):
+        try:  # mlx-lm's thread would log a traceback and serve nothing: report it instead
+            self.model_provider.load_default()
+        except Exception as e:
+            self.load_error = e
+            self._generation_failed = True
+            return
+        finally:
+            self.loaded.set()
+        super()._generate()  # finds the model loaded
+
+    def _run_generate(self):
+        try:
+            super()._run_generate()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()
+
+
+def _thinking_from_request(body: dict) -> Optional[str]:
+    """The thinking mode a request asks for (None: the server's default); ValueError if malformed."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    asked = {}
+    if "thinking_mode" in kwargs or "enable_thinking" in kwargs:
+        asked["chat_template_kwargs"] = resolve_thinking_mode(kwargs.get("thinking_mode"), kwargs.get("enable_thinking"))
+    thinking = body.get("thinking")
+    if thinking is not None:
+        kind = thinking.get("type") if isinstance(thinking, dict) else thinking
+        if kind not in THINKING_MODES:
+            raise ValueError(f"thinking.type must be one of {', '.join(THINKING_MODES)}, got {kind!r}")
+        asked["thinking"] = kind
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORT:
+            raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORT)}, got {effort!r}")
+        asked["reasoning_effort"] = REASONING_EFFORT[effort]
+    modes = set(asked.values()) - {None}
+    if len(modes) > 1:
+        raise ValueError(f"conflicting thinking modes in one request: {asked}")
+    return modes.pop() if modes else None
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        if content is None and m["role"] != "assistant":  # only a reply with tool calls may have none
+            raise ValueError(f"messages[{i}].content must be given for role {m['role']!r}")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise ValueError(f"messages[{i}].tool_calls must be a list")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"messages[{i}].tool_calls[{j}] must have function.name")
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}") from None
+            if args is not None and not isinstance(args, dict):
+                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+
+
+def _check_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise ValueError("tools must be a list")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
+        raise ValueError("stop must be a string or a list of non-empty strings")
+
+
+class RequestError(ValueError):
+    """A refused request, with OpenAI's `param` and `code` for its error body."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def openai_error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    if param is None:  # our messages and mlx-lm's start with the field they refuse
+        m = re.match(r"(?:malformed request: \w+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*) must ", message)
+        param = m.group(1) if m else None
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 404:
+        kind = "not_found_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _OpenAIErrorBodies:
+    """The handler's output stream: an error body mlx-lm writes as `{"error": msg}` (or as
+    plain text) leaves in OpenAI's shape. Everything else passes through untouched."""
+
+    def __init__(self, handler, raw):
+        self._handler, self._raw = handler, raw
+
+    def write(self, data: bytes):
+        status = getattr(self._handler, "_status", 200)
+        if status >= 400 and data and self._handler._body_started:
+            try:
+                body = json.loads(data)
+                message = body["error"] if isinstance(body, dict) else None
+            except (ValueError, UnicodeDecodeError):
+                message = data.decode(errors="replace")
+            if isinstance(message, str):
+                err = getattr(self._handler, "_error", None)
+                data = json.dumps(openai_error(status, message, getattr(err, "param", None),
+                                              getattr(err, "code", None))).encode()
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+class MiniMaxAPIHandler(APIHandler):
+    """mlx-lm's handler, plus request checks, the per-request thinking mode, the context
+    limit, OpenAI-shaped error bodies and a /v1/models that needs no Hugging Face cache."""
+
+    def setup(self):
+        super().setup()
+        self.wfile = _OpenAIErrorBodies(self, self.wfile)
+
+    def send_response(self, code, message=None):
+        self._status, self._body_started = code, False
+        super().send_response(code, message)
+
+    def end_headers(self):
+        super().end_headers()
+        self._body_started = True
+
+    def validate_model_parameters(self) -> None:
+        self._error = None
+        try:
+            super().validate_model_parameters()
+        except ValueError as e:  # mlx-lm's names for two request fields
+            raise ValueError(str(e).replace("requested_model", "model").replace("adapter ", "adapters ")) from None
+        try:
+            self._check_request()
+        except RequestError as e:
+            self._error = e
+            raise
+        except (TypeError, AttributeError, KeyError) as e:
+            raise ValueError(f"malformed request: {type(e).__name__}: {e}") from None
+
+    def _check_context(self, prompt_tokens: int, param: str) -> None:
+        """Refuse a prompt that fills the context; cap max_tokens to the room it leaves, so
+        that a reply reaching the limit ends with finish_reason "length"."""
+        model = self.response_generator.model_provider.model
+        try:
+            room = reply_room(model, prompt_tokens)
+        except ContextLimitError as e:
+            raise RequestError(str(e), param=param, code="context_length_exceeded") from None
+        if room is not None and self.max_tokens > room:
+            self.max_tokens = room
+
+    def _check_request(self) -> None:
+        body = self.body
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
+        if self.stream_options is not None and not isinstance(self.stream_options, dict):
+            raise ValueError("stream_options must be an object")
+        if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
+            raise ValueError("stream_options.include_usage must be true or false")
+        if body.get("n", 1) != 1:
+            raise ValueError(f"n must be 1 (one choice per request), got {body['n']!r}")
+        for key in ("adapters", "draft_model"):  # mlx-lm options this server does not offer
+            if body.get(key) is not None:
+                raise ValueError(f"{key} must be left out: not supported for MiniMax-M3")
+        _check_stop(body.get("stop"))
+        try:
+            mode = _thinking_from_request(body)
+        except ThinkingModeError as e:
+            raise ValueError(str(e)) from None
+        if mode is not None:
+            kwargs = dict(self.chat_template_kwargs or {})
+            kwargs.pop("enable_thinking", None)
+            kwargs["thinking_mode"] = mode
+            self.chat_template_kwargs = kwargs
+        if self.path in ("/v1/chat/completions", "/chat/completions"):
+            if "messages" not in body:
+                raise ValueError("the request has no messages")
+            _check_messages(body["messages"])
+            _check_tools(body.get("tools"))
+            ids = self._check_template(body["messages"], body.get("tools") or None)
+            if ids is not None:
+                self._check_context(len(ids), "messages")
+        elif not isinstance(body.get("prompt"), str):
+            raise ValueError("prompt must be a string")
+        else:
+            tokenizer = self.response_generator.model_provider.tokenizer
+            if tokenizer is not None:
+                self._check_context(len(tokenizer.encode(body["prompt"])), "prompt")
+
+    def _check_template(self, messages, tools):
+        """Render the prompt once here so that a conversation the template refuses is a 400;
+        returns its token ids (None: the model has no chat template)."""
+        tokenizer = self.response_generator.model_provider.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
+            return None
+        messages = copy.deepcopy(messages)
+        process_message_content(messages)
+        kwargs = dict(self.response_generator.cli_args.chat_template_args)
+        kwargs.update(self.chat_template_kwargs or {})
+        try:
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **kwargs)
+        except Exception as e:  # jinja2 errors, raise_exception in the template, bad kwargs
+            raise ValueError(f"the chat template refused this conversation: {e}") from None
+
+    def handle_models_request(self):
+        """mlx-lm's listing scans the Hugging Face cache and, where there is none, fails
+        after sending 200 (an empty body). Here the served model comes first, always."""
+        args = self.response_generator.cli_args
+        served = Path(args.model).expanduser()
+        ids = [str(served.resolve()) if served.exists() else str(args.model)]
+        try:
+            from huggingface_hub import scan_cache_dir
+
+            for repo in scan_cache_dir().repos:
+                names = {f.file_path.name for ref in repo.refs.values() for f in ref.files}
+                if repo.repo_type == "model" and {"config.json", "tokenizer_config.json"} <= names:
+                    ids.append(repo.repo_id)
+        except Exception:  # no cache folder, or one that cannot be read: the served model alone
+            pass
+        wanted = self.path[len("/v1/models"):].strip("/")
+        models = [{"id": i, "object": "model", "created": getattr(self, "created", int(time.time())),
+                   "owned_by": "minimax-m3-mlx"} for i in dict.fromkeys(ids)]
+        if wanted:
+            found = [m for m in models if m["id"] == wanted or Path(m["id"]).name == wanted]
+            if not found:
+                self._set_completion_headers(404)
+                self.end_headers()
+                self.wfile.write(json.dumps({"error": f"model {wanted!r}: not served here"}).encode())
+                return
+            body = found[0]
+        else:
+            body = {"object": "list", "data": models}
+        self._set_completion_headers(200)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+        self.wfile.flush()
+
+    def generate_response(self, *args, **kwargs) -> dict:
+        response = super().generate_response(*args, **kwargs)
+        for choice in response.get("choices", []):
+            for key in ("message", "delta"):
+                msg = choice.get(key)
+                if isinstance(msg, dict) and "reasoning" in msg:
+                    msg["reasoning_content"] = msg["reasoning"]
+        return response
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = _parse_size(text)
+    except Exception:  # decimal.InvalidOperation, ValueError, KeyError
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512MB, 8GB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
+                   help="thinking mode of requests that name none (default: adaptive, the template's own)")
+    p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
+    p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
+    p.add_argument("--chat-template-args", type=_json_object, default="{}",
+                   help="JSON of extra chat template arguments for every request")
+    p.add_argument("--temp", type=non_negative_float, default=0.0, help="default sampling temperature")
+    p.add_argument("--top-p", type=number(float, lo=0, lo_open=True, hi=1), default=1.0, help="default top-p")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="default top-k (0: off)")
+    p.add_argument("--min-p", type=probability, default=0.0, help="default min-p (0: off)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="default max tokens per reply")
+    p.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
+    p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
+                   help="most KV caches kept between requests")
+    p.add_argument("--prompt-cache-bytes", type=_size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    return p
+
+
+def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
+    defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
+                    use_default_chat_template=False, decode_concurrency=1, prompt_concurrency=1,
+                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False)
+    for k, v in defaults.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    return args
+
+
+class Server:
+    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = _cli_args(args)
+        self.provider = MiniMaxModelProvider(self.args)
+        self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
+        try:
+            infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as e:
+            raise OSError(f"--host {args.host}: {e.strerror or e}") from None
+        family, _, _, _, address = infos[0]
+        fingerprint = get_system_fingerprint()
+        rg = self.response_generator
+
+        class HTTPServer(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        try:
+            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint,
+                                                                                 **kw))
+        except OSError as e:
+            self.response_generator.stop_and_join()
+            raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread: Optional[threading.Thread] = None
+        try:
+            self.response_generator.wait_loaded()
+        except BaseException:
+            self.httpd.server_close()
+            raise
+
+    def serve_forever(self) -> None:
+        logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")
+        self.httpd.serve_forever()
+
+    def start(self) -> "Server":
+        """Serve from a background thread (tests, notebooks)."""
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.response_generator.stop_and_join()
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    server = Server(args)
+    print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
