@@ -23,12 +23,11 @@ def python_snippet() -> str:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(default_case, tmp_path_factory):
+    """Each layout as released (the vision tower included), and a quantised conversion."""
     root = tmp_path_factory.mktemp("readme")
-    config = synthetic.tiny_config()
-    weights = synthetic.random_weights(config, seed=4)
     for layout in synthetic.LAYOUTS:
-        synthetic.write_checkpoint(root / layout, config, weights, layout, fp8_block=(24, 40))
+        default_case.write(root / layout, layout, fp8_block=(24, 40))
     convert(str(root / "original"), str(root / "converted"), quantize=True, q_bits=4, q_group_size=32,
             progress=False, log=lambda *a: None)
     return root
