@@ -35,7 +35,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from .tokenizer import THINKING_MODES, configure_tokenizer
+from .tokenizer import THINKING_MODES, BareThinkEnd, configure_tokenizer
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -191,6 +191,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
     out = Generation(cached_tokens=len(prompt) - len(rest))
     sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
+    bare_think_end = BareThinkEnd.for_reply(tokenizer, sm_state[0])
     pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
     tool_text: List[str] = []
     prev_state = sm_state[0]
@@ -199,7 +200,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
                                 prefill_step_size=prefill_step_size, **extra):
         out.tokens.append(resp.token)
-        sm_state, segments = TextStateMachine.split(sm_state, resp.text)
+        sm_state, segments = TextStateMachine.split(sm_state, bare_think_end(resp.text, resp.finish_reason is not None))
         if resp.finish_reason is not None:
             sm_state, flushed, state = TextStateMachine.flush(sm_state)
             segments.append((state, flushed))

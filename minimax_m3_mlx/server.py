@@ -18,23 +18,28 @@ and streaming are used as they are); what differs:
 - requests are served one at a time: mlx-lm's batched path would merge our caches into
   its BatchKVCache, which knows nothing of the sparse layers' index keys;
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
-  abort at exit).
+  abort at exit);
+- the end of a reply is not lost: mlx-lm's handler drops the text it holds back as a
+  possible marker start (a final `]` or `<`) when the model stops, and a tool-call block
+  that holds no call (e.g. cut off by max_tokens before the tool's name) comes back as
+  content, markers included, instead of vanishing (see _ReplyTracker).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import logging
 import socket
 import threading
 from http.server import ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
     APIHandler,
@@ -45,7 +50,8 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from .tokenizer import THINKING_MODES, ThinkingModeError, configure_tokenizer, resolve_thinking_mode
+from .tokenizer import THINKING_MODES, BareThinkEnd, ThinkingModeError, configure_tokenizer, resolve_thinking_mode
+from .tool_parser import unparsed_block
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
@@ -110,6 +116,84 @@ class MiniMaxResponseGenerator(ResponseGenerator):
         finally:
             mx.synchronize()
             mx.clear_streams()
+
+
+class _ReplyTracker:
+    """One reply as mlx-lm's handler sees it, to put right what that handler loses.
+
+    The handler (mlx_lm.server.APIHandler.handle_completion) runs the reply through a text
+    state machine that holds back text which could start a marker. When the model stops
+    (EOS) it discards that held text and the last detokenizer segment, so a reply ending in
+    `]` or `<` loses it; at max_tokens it flushes them. SGLang's rule is ours: finish
+    releases the held text. Its tool formatter also drops a block the parser finds no call
+    in. This tracker replays the same state machine on the same text, one step ahead of the
+    handler: it hands the handler an EOS stop as "length" (split and flush) and keeps the
+    real reason, and it keeps the content with unparsed blocks in place, which the handler's
+    generate_response then sends instead of its own text.
+    """
+
+    def __init__(self, ctx, tokenizer, tools):
+        self.state = ctx.text_sm.make_state(ctx.initial_state)
+        self.parser, self.tools = ctx.tool_parser, tools
+        self.bare_think_end = BareThinkEnd.for_reply(tokenizer, ctx.initial_state)
+        self.eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.block: Optional[List[str]] = None  # text of the open tool-call block
+        self.unsent: List[str] = []  # content the handler has not sent yet, unparsed blocks included
+        self.made_call = False
+        self.stopped_at_eos = False
+
+    def _end_block(self, closed: bool) -> None:
+        body = "".join(self.block)
+        self.block = None
+        try:
+            self.parser(body, self.tools)
+            self.made_call = True
+        except (ValueError, json.JSONDecodeError):
+            self.unsent.append(unparsed_block(body, closed))
+
+    def follow(self, responses):
+        for gen in responses:
+            final = gen.finish_reason is not None
+            text = self.bare_think_end(gen.text, final)
+            self.state, segments = TextStateMachine.split(self.state, text)
+            if final:
+                self.state, held, state = TextStateMachine.flush(self.state)
+                segments.append((state, held))
+            for state, piece in segments:
+                if self.block is not None and state != "tool":
+                    self._end_block(closed=True)
+                if state == "tool":
+                    self.block = (self.block or []) + [piece]
+                elif state == "normal":
+                    self.unsent.append(piece)
+            if final and self.block is not None:
+                self._end_block(closed=False)
+            changes = {"text": text}
+            if gen.finish_reason == "stop" and gen.token in self.eos_ids:
+                self.stopped_at_eos = True
+                changes["finish_reason"] = "length"  # the handler then splits and flushes
+            yield dataclasses.replace(gen, **changes)
+
+    def take_content(self) -> str:
+        out = "".join(self.unsent)
+        self.unsent.clear()
+        return out
+
+
+class _TrackedGenerator:
+    """The shared response generator as one request's handler sees it: replies tracked."""
+
+    def __init__(self, shared: ResponseGenerator, handler: "MiniMaxAPIHandler"):
+        self._shared, self._handler = shared, handler
+
+    def __getattr__(self, name):
+        return getattr(self._shared, name)
+
+    def generate(self, request, generation_args, progress_callback=None):
+        ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
+        self._handler._reply = tracker
+        return ctx, tracker.follow(responses)
 
 
 def _thinking_from_request(body: dict) -> Optional[str]:
@@ -235,8 +319,21 @@ class MiniMaxAPIHandler(APIHandler):
         except Exception as e:  # jinja2 errors, raise_exception in the template, bad kwargs
             raise ValueError(f"the chat template refused this conversation: {e}") from None
 
-    def generate_response(self, *args, **kwargs) -> dict:
-        response = super().generate_response(*args, **kwargs)
+    def handle_completion(self, request, stop_words):
+        shared = self.response_generator
+        self.response_generator, self._reply = _TrackedGenerator(shared, self), None
+        try:
+            super().handle_completion(request, stop_words)
+        finally:
+            self.response_generator = shared
+
+    def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        reply = getattr(self, "_reply", None)
+        if reply is not None:
+            text = reply.take_content()
+            if finish_reason == "length" and reply.stopped_at_eos:
+                finish_reason = "tool_calls" if reply.made_call else "stop"
+        response = super().generate_response(text, finish_reason, *args, **kwargs)
         for choice in response.get("choices", []):
             for key in ("message", "delta"):
                 msg = choice.get(key)
