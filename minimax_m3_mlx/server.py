@@ -139,15 +139,16 @@ class _ReplyTracker:
         self.eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.block: Optional[List[str]] = None  # text of the open tool-call block
         self.unsent: List[str] = []  # content the handler has not sent yet, unparsed blocks included
-        self.made_call = False
+        self.reasoning: List[str] = []
+        self.calls: List[dict] = []
         self.stopped_at_eos = False
 
     def _end_block(self, closed: bool) -> None:
         body = "".join(self.block)
         self.block = None
         try:
-            self.parser(body, self.tools)
-            self.made_call = True
+            parsed = self.parser(body, self.tools)
+            self.calls += parsed if isinstance(parsed, list) else [parsed]
         except (ValueError, json.JSONDecodeError):
             self.unsent.append(unparsed_block(body, closed))
 
@@ -166,6 +167,8 @@ class _ReplyTracker:
                     self.block = (self.block or []) + [piece]
                 elif state == "normal":
                     self.unsent.append(piece)
+                elif state == "reasoning":
+                    self.reasoning.append(piece)
             if final and self.block is not None:
                 self._end_block(closed=False)
             changes = {"text": text}
@@ -332,7 +335,7 @@ class MiniMaxAPIHandler(APIHandler):
         if reply is not None:
             text = reply.take_content()
             if finish_reason == "length" and reply.stopped_at_eos:
-                finish_reason = "tool_calls" if reply.made_call else "stop"
+                finish_reason = "tool_calls" if reply.calls else "stop"
         response = super().generate_response(text, finish_reason, *args, **kwargs)
         for choice in response.get("choices", []):
             for key in ("message", "delta"):
