@@ -164,7 +164,8 @@ class _ReplyTracker:
                 if self.block is not None and state != "tool":
                     self._end_block(closed=True)
                 if state == "tool":
-                    self.block = (self.block or []) + [piece]
+                    self.block = self.block if self.block is not None else []
+                    self.block.append(piece)
                 elif state == "normal":
                     self.unsent.append(piece)
                 elif state == "reasoning":
@@ -328,13 +329,14 @@ class MiniMaxAPIHandler(APIHandler):
         try:
             super().handle_completion(request, stop_words)
         finally:
-            self.response_generator = shared
+            self.response_generator, self._reply = shared, None
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
         reply = getattr(self, "_reply", None)
         if reply is not None:
             text = reply.take_content()
-            if finish_reason == "length" and reply.stopped_at_eos:
+            if finish_reason == "length" and reply.stopped_at_eos or finish_reason == "tool_calls":
+                # "tool_calls" only when a call was made: a block that held none came back as content
                 finish_reason = "tool_calls" if reply.calls else "stop"
         response = super().generate_response(text, finish_reason, *args, **kwargs)
         for choice in response.get("choices", []):

@@ -167,3 +167,14 @@ def test_reply_through_server(client, force, tok, vid, cut):  # noqa: F811
         got = _ask(client, v, stream, max_tokens=len(ids) if cut else len(ids) + 8)
         want = (v["content"] or None, v["reasoning"] or None, v["calls"], finish)
         assert _json(got) == _json(want), (stream, got)
+
+
+def test_stop_word_keeps_unparsed_block_and_says_stop(client, force, tok):  # noqa: F811
+    """A stop word ends the reply (no flush there: the held text is the stop word's start)."""
+    from tool_vectors import END, START
+
+    force(tok, f"A{START}junk{END}B ]STOP and more")
+    r = client.chat.completions.create(model="default_model", messages=[{"role": "user", "content": "Go."}],
+                                       max_tokens=60, stop=["STOP"], tools=TOOLS["review"])
+    assert r.choices[0].message.content == f"A{START}junk{END}B ]"
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
