@@ -81,10 +81,10 @@ _TYPE_ALIASES = {"int": "integer", "float": "number", "double": "number", "bool"
 
 
 class _Node:
-    __slots__ = ("name", "attrs", "children", "text", "closed", "schema", "parent", "begin", "end")
+    __slots__ = ("name", "attrs", "children", "text", "closed", "schema", "begin", "end")
 
-    def __init__(self, name: str, attrs: Dict[str, str], schema: Any, parent: Optional["_Node"], begin: int):
-        self.name, self.attrs, self.schema, self.parent = name, attrs, schema, parent
+    def __init__(self, name: str, attrs: Dict[str, str], schema: Any, begin: int):
+        self.name, self.attrs, self.schema = name, attrs, schema
         self.children: List["_Node"] = []
         self.text: List[str] = []
         self.closed = False
@@ -219,7 +219,7 @@ def _attrs(source: str) -> Dict[str, str]:
 
 def _tree(text: str, schemas: Dict[str, dict]) -> _Node:
     """The elements of the call text; elements still open at the end stay `closed=False`."""
-    root = _Node("", {}, None, None, 0)
+    root = _Node("", {}, None, 0)
     stack = [root]
     pos = 0
 
@@ -252,7 +252,7 @@ def _tree(text: str, schemas: Dict[str, dict]) -> _Node:
                 close(inv, start)  # invokes do not nest: the open one ended without </invoke>
             fn = _tool_name((attrs.get("name") or "").strip(), schemas)
             attrs["name"] = fn
-            node = _Node(name, attrs, schemas.get(fn, {}), stack[-1], end)
+            node = _Node(name, attrs, schemas.get(fn, {}), end)
         else:
             key = attrs["name"] if name == "parameter" and "name" in attrs else name
             if inv is not None and len(stack) - 1 > inv:
@@ -266,7 +266,7 @@ def _tree(text: str, schemas: Dict[str, dict]) -> _Node:
                             break
             parent = stack[-1]
             schema = _sub_schema(parent.schema, None if _container(parent.schema) == "array" else key)
-            node = _Node(name, attrs, schema, parent, end)
+            node = _Node(name, attrs, schema, end)
         stack[-1].children.append(node)
         stack.append(node)
     stack[-1].text.append(text[pos:])
@@ -283,7 +283,7 @@ def _json(text: str) -> Any:
         return text
 
 
-def _read(text: str, t: str, schema: Any) -> Any:
+def _read(text: str, t: str) -> Any:
     """`text` read as JSON type `t`, or a ValueError."""
     s = text.strip()
     if t == "string":
@@ -325,7 +325,7 @@ def _leaf(text: str, schema: Any, guess: bool) -> Any:
         return [] if container == "array" else {}
     for t in types:
         try:
-            return _read(text, t, schema)
+            return _read(text, t)
         except ValueError:
             continue
     if "array" in types:

@@ -108,7 +108,8 @@ TOOLS = {
 
 ORDER_ARGS = (el("user_id", "42") + el("urgent", "true") + el("note", "Please leave at front desk.")
               + el("shipping", el("city", "Singapore") + el("zip", "018956"))
-              + el("items", el("item", el("sku", "book-001") + el("qty", "2")) + el("item", el("sku", "pen-007") + el("qty", "5"))))
+              + el("items", el("item", el("sku", "book-001") + el("qty", "2"))
+                   + el("item", el("sku", "pen-007") + el("qty", "5"))))
 PLAN_ARGS = (el("start_date", "2025-11-10") + el("session_minutes", "45") + el("score", "18.5")
              + el("include_buffer", "true") + el("priority", "2") + el("note", "null")
              + el("rest_days", el("item", "Sun") + el("item", "Sat"))
@@ -171,7 +172,8 @@ VECTORS = [
       "Let me check. " + block(inv("get_weather", el("city", "Seattle"))) + " This trailing text is ignored.",
       tools="order_rust", content="Let me check.  This trailing text is ignored.",
       calls=[call("get_weather", city="Seattle")], note="vLLM drops text after the block; it is content here"),
-    V("rust-two-invokes", "vllm-rust", block(inv("get_weather", el("city", "Seattle")), inv("get_weather", el("city", "NYC"))),
+    V("rust-two-invokes", "vllm-rust",
+      block(inv("get_weather", el("city", "Seattle")), inv("get_weather", el("city", "NYC"))),
       tools="order_rust", calls=[call("get_weather", city="Seattle"), call("get_weather", city="NYC")]),
     V("rust-junk-in-invoke", "vllm-rust",
       block(inv("get_weather", el("city", "Seattle") + "I need to use the city above." + el("days", "5"))),
@@ -192,7 +194,8 @@ VECTORS = [
     V("rust-multiline-leaf", "vllm-rust",
       block(inv("calculate_area", el("shape", "\nrectangle\n") + el("dimensions", '{"width":10,"height":20}')
                 + el("precision", "2"))),
-      tools="order_rust", calls=[call("calculate_area", shape="rectangle", dimensions={"width": 10, "height": 20}, precision=2)],
+      tools="order_rust",
+      calls=[call("calculate_area", shape="rectangle", dimensions={"width": 10, "height": 20}, precision=2)],
       note="vLLM's Rust parser keeps the newlines; its Python parser and this package trim them"),
     V("rust-invoke-open-at-end", "vllm-rust", f'{START}{NS}<invoke name="get_weather">', tools="order_rust",
       calls=[call("get_weather")], note="vLLM emits nothing for it; our truncation rule emits the named call"),
@@ -205,7 +208,8 @@ VECTORS = [
     V("rust-partial-end-marker", "vllm-rust", f"{START}\n" + inv("get_weather", el("city", "Seattle")) + "\n" + END[:3],
       tools="order_rust", calls=[call("get_weather", city="Seattle")]),
     V("rust-malformed-block", "vllm-rust", f"{START}{NS}<bad>{END}", tools="order_rust", content=f"{START}{NS}<bad>{END}"),
-    V("rust-mixed-text", "vllm-rust", block(inv("convert", el("payload", "text before " + el("child", "value") + " text after"))),
+    V("rust-mixed-text", "vllm-rust",
+      block(inv("convert", el("payload", "text before " + el("child", "value") + " text after"))),
       tools="order_rust", calls=[call("convert", payload={"child": "value", "$text": "text before  text after"})]),
     V("rust-mixed-text-collision", "vllm-rust",
       block(inv("convert", el("payload", "text" + el("$text", "child text") + el("child", "value")))),
@@ -231,7 +235,8 @@ VECTORS = [
     V("sglang-two-invokes", "sglang",
       block(inv("get_weather", el("city", "Beijing")), inv("get_weather", el("city", "Tokyo")), sep=""),
       tools="sglang", calls=[call("get_weather", city="Beijing"), call("get_weather", city="Tokyo")]),
-    V("sglang-content-before", "sglang", "Let me check the weather." + block(inv("get_weather", el("city", "Paris")), sep=""),
+    V("sglang-content-before", "sglang",
+      "Let me check the weather." + block(inv("get_weather", el("city", "Paris")), sep=""),
       tools="sglang", content="Let me check the weather.", calls=[call("get_weather", city="Paris")]),
     V("sglang-typed", "sglang",
       block(inv("search", el("query", "pizza") + el("count", "7") + el("ratio", "0.5") + el("verbose", "true")), sep=""),
@@ -239,7 +244,8 @@ VECTORS = [
     V("sglang-nested", "sglang",
       block(inv("create_event", el("title", "Standup") + el("location", el("city", "NYC") + el("zip", "10001"))
                 + el("tags", el("item", "red") + el("item", "blue"))), sep=""),
-      tools="sglang", calls=[call("create_event", title="Standup", location={"city": "NYC", "zip": 10001}, tags=["red", "blue"])]),
+      tools="sglang",
+      calls=[call("create_event", title="Standup", location={"city": "NYC", "zip": 10001}, tags=["red", "blue"])]),
     V("sglang-special-chars", "sglang",
       block(inv("add_note", el("note", 'a "quoted" word with \\ backslash and\nnewline')), sep=""),
       tools="sglang", calls=[call("add_note", note='a "quoted" word with \\ backslash and\nnewline')]),
@@ -258,7 +264,8 @@ VECTORS = [
       content="The weather in Beijing is sunny."),
     V("sglang-name-case", "sglang", block(inv("Get_Weather", el("city", "Oslo"))), tools="sglang",
       calls=[call("get_weather", city="Oslo")]),
-    V("sglang-invoke-single-quotes", "sglang", f"{START}{NS}<invoke name='get_weather'>" + el("city", "Oslo") + f"{NS}</invoke>{END}",
+    V("sglang-invoke-single-quotes", "sglang",
+      f"{START}{NS}<invoke name='get_weather'>" + el("city", "Oslo") + f"{NS}</invoke>{END}",
       tools="sglang", calls=[call("get_weather", city="Oslo")]),
     V("sglang-invoke-unquoted-spaced", "sglang", f"{START}{NS}<invoke  name = get_weather >" + el("city", "Oslo")
       + f"{NS}</invoke>{END}", tools="sglang", calls=[call("get_weather", city="Oslo")]),
@@ -269,8 +276,8 @@ VECTORS = [
     V("rtp-nested-types", "rtp-llm", "Here you go." + START + "\n" + inv("make_plan", PLAN_ARGS) + "\n" + END, tools="plan",
       content="Here you go.", calls=[call("make_plan", **PLAN_EXPECTED)]),
     V("rtp-parallel", "rtp-llm",
-      START + "\n" + inv("make_plan", el("start_date", "2025-01-01")) + "\n" + inv("make_plan", el("start_date", "2025-02-02"))
-      + "\n" + END, tools="plan",
+      START + "\n" + inv("make_plan", el("start_date", "2025-01-01")) + "\n"
+      + inv("make_plan", el("start_date", "2025-02-02")) + "\n" + END, tools="plan",
       calls=[call("make_plan", start_date="2025-01-01"), call("make_plan", start_date="2025-02-02")]),
     V("rtp-angle-brackets", "rtp-llm", block(inv("make_plan", el("start_date", "a < b > c"))), tools="plan",
       calls=[call("make_plan", start_date="a < b > c")]),
@@ -327,7 +334,8 @@ VECTORS = [
     V("issue-array-of-comments", "issue-15",
       block(inv("post_review", el("comments", el("comment", el("path", "a.py") + el("body", "typo"))
                                   + el("comment", el("path", "b.py") + el("body", "nit"))))),
-      tools="review", calls=[call("post_review", comments=[{"path": "a.py", "body": "typo"}, {"path": "b.py", "body": "nit"}])]),
+      tools="review",
+      calls=[call("post_review", comments=[{"path": "a.py", "body": "typo"}, {"path": "b.py", "body": "nit"}])]),
     V("issue-array-of-x", "issue-15", block(inv("post_review", el("xs", el("x", "1") + el("x", "2")))), tools="review",
       calls=[call("post_review", xs=[1, 2])]),
     V("issue-none-stays-string", "issue-15", block(inv("post_review", el("optional", "none"))), tools="review",
@@ -343,7 +351,8 @@ VECTORS = [
     V("issue-truncated-in-name", "issue-15", f'Checking.{START}\n{NS}<invoke name="get_wea', tools="review",
       content=f'Checking.{START}\n{NS}<invoke name="get_wea'),
     V("issue-dropped-rest-days", "issue-15",
-      block(inv("make_plan", el("start_date", "d") + f"{NS}<rest_days>" + el("item", "Sun") + el("preferences", el("retries", "3")))),
+      block(inv("make_plan", el("start_date", "d") + f"{NS}<rest_days>" + el("item", "Sun")
+                + el("preferences", el("retries", "3")))),
       tools="plan", calls=[call("make_plan", start_date="d", rest_days=["Sun"], preferences={"retries": 3})]),
     # -- our rules where the peers disagree ------------------------------------------------------
     V("rule-text-after-block", "rule", "A" + block(inv("get_weather", el("city", "Oslo"))) + "B", tools="review",
@@ -360,10 +369,12 @@ VECTORS = [
     V("rule-mixed-text-string-param", "rule", block(inv("post_review", el("note", "see " + el("b", "bold") + " here"))),
       tools="review", calls=[call("post_review", note="see <b>bold</b> here")]),
     V("rule-m2-html-in-string", "rule",
-      START + '<invoke name="f">\n<parameter name="html"><b>x</b> y</parameter>\n<parameter name="n">3</parameter>\n</invoke>'
+      START + '<invoke name="f">\n<parameter name="html"><b>x</b> y</parameter>\n'
+      '<parameter name="n">3</parameter>\n</invoke>'
       + END, tools="m2", calls=[call("f", html="<b>x</b> y", n=3)]),
     V("rule-missing-invoke-close", "rule",
-      START + f'{NS}<invoke name="get_weather">' + el("city", "A") + f'{NS}<invoke name="get_weather">' + el("city", "B") + END,
+      START + f'{NS}<invoke name="get_weather">' + el("city", "A")
+      + f'{NS}<invoke name="get_weather">' + el("city", "B") + END,
       tools="review", calls=[call("get_weather", city="A"), call("get_weather", city="B")]),
     V("rule-bare-invoke-tags", "rule", START + '<invoke name="get_weather">' + el("city", "Oslo") + "</invoke>" + END,
       tools="review", calls=[call("get_weather", city="Oslo")]),
@@ -384,18 +395,21 @@ VECTORS = [
       calls=[call("post_review", days=None)]),
     V("rule-string-null", "rule", block(inv("post_review", el("note", "null"))), tools="review",
       calls=[call("post_review", note="null")]),
-    V("rule-array-single-leaf", "rule", block(inv("types", el("tags", "red"))), tools="types", calls=[call("types", tags=["red"])]),
+    V("rule-array-single-leaf", "rule", block(inv("types", el("tags", "red"))), tools="types",
+      calls=[call("types", tags=["red"])]),
     V("rule-array-json", "rule", block(inv("types", el("tags", '["a", "b"]'))), tools="types",
       calls=[call("types", tags=["a", "b"])]),
     V("rule-array-empty", "rule", block(inv("types", el("tags"))), tools="types", calls=[call("types", tags=[])]),
     V("rule-repeated-array-param", "rule", block(inv("types", el("tags", "a") + el("tags", "b"))), tools="types",
       calls=[call("types", tags=["a", "b"])]),
-    V("rule-enum-number", "rule", block(inv("make_plan", el("priority", "3"))), tools="plan", calls=[call("make_plan", priority=3)]),
+    V("rule-enum-number", "rule", block(inv("make_plan", el("priority", "3"))), tools="plan",
+      calls=[call("make_plan", priority=3)]),
     V("rule-bool-spellings", "rule", block(inv("types", el("flag", "False")) + inv("types", el("flag", "1"))), tools="types",
       calls=[call("types", flag=False), call("types", flag=True)]),
     V("rule-no-entity-decoding", "rule", block(inv("get_weather", el("city", "a &lt; b"))), tools="review",
       calls=[call("get_weather", city="a &lt; b")]),
-    V("rule-unicode", "rule", block(inv("get_weather", el("city", "杭州"))), tools="review", calls=[call("get_weather", city="杭州")]),
+    V("rule-unicode", "rule", block(inv("get_weather", el("city", "杭州"))), tools="review",
+      calls=[call("get_weather", city="杭州")]),
     V("rule-spaces-kept-in-strings", "rule", block(inv("get_weather", el("city", " Paris ") + el("days", " 3 "))),
       tools="review", calls=[call("get_weather", city=" Paris ", days=3)]),
     V("rule-call-inside-reasoning", "rule", "plan" + block(inv("get_weather", el("city", "Oslo"))) + "Done.",
