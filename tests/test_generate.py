@@ -249,6 +249,17 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
 
 
+def test_only_a_leading_think_end_is_dropped(loaded):
+    """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
+    from minimax_m3_mlx.generate import chat_prompt, generate
+
+    model, tok = loaded
+    ids = tok.encode(THINK_END + "A" + THINK_END + "B ]", add_special_tokens=False) + [tok.eos_token_id]
+    gen = generate(model, tok, chat_prompt(tok, user("x"), thinking="adaptive"), max_tokens=len(ids) + 2,
+                   logits_processors=[_forcing(ids)])
+    assert gen.finish_reason == "stop" and gen.reasoning == "" and gen.text == "A" + THINK_END + "B ]"
+
+
 def _forcing(ids):
     import mlx.core as mx
 
