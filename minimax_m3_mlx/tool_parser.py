@@ -20,8 +20,10 @@ Rules where the serving projects disagree (each is tested in tests/test_tool_vec
 - types: the first type of the schema, in declared order, that reads the text wins
   (`["integer", "string"]` reads "42" as 42, `["string", "integer"]` as "42"); an enum
   value written out is that value (`enum: [1, 2]` reads "2" as 2); a value no type reads
-  stays text. Leaf values lose the newlines around them (vLLM), typed ones all outer
-  whitespace. Values are taken as written: the template writes them without escaping.
+  stays text. A value written on lines of its own (`<shape>\nrectangle\n</shape>`) loses
+  those two newlines, as vLLM trims them; a value that only ends in a newline (a file's
+  last line) keeps it; typed values lose all outer whitespace. Values are taken as
+  written: the template writes them without escaping.
 - null: the text `null` is None only where the schema allows null or has no string type;
   `none`, `nil` and a `null` for a plain string stay strings (SGLang).
 - no schema: where the request declares tools, a value its schema does not type (an
@@ -307,8 +309,15 @@ def _read(text: str, t: str) -> Any:
     raise ValueError(t)
 
 
+def _unwrap_lines(text: str) -> str:
+    """The value without the newlines that put it on lines of its own, if it has both."""
+    head = 2 if text.startswith("\r\n") else 1 if text.startswith("\n") else 0
+    tail = 2 if text.endswith("\r\n") else 1 if text.endswith("\n") else 0
+    return text[head:len(text) - tail] if head and tail and len(text) >= head + tail else text
+
+
 def _leaf(text: str, schema: Any, guess: bool) -> Any:
-    text = text.strip("\r\n")
+    text = _unwrap_lines(text)
     types = _types(schema)
     if not types:
         return _json(text) if guess else text
