@@ -61,6 +61,7 @@ content, reasoning and calls the way the server's streaming path does.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -207,9 +208,10 @@ def _tags(text: str):
         if m:
             out.append((pos, m.end(), m.group(1) == "/", m.group(2), m.group(3), False))
         pos = text.find(NS_TOKEN, m.end() if m else pos + len(NS_TOKEN))
-    taken = [(s, e) for s, e, *_ in out]
+    starts = [s for s, *_ in out]  # NS tags do not overlap: sorted by start and by end
     for m in _BARE_INVOKE.finditer(text):
-        if not any(s <= m.start() < e for s, e in taken):
+        i = bisect.bisect_right(starts, m.start()) - 1
+        if i < 0 or m.start() >= out[i][1]:
             tag = _TAG.fullmatch(m.group(0))
             out.append((m.start(), m.end(), tag.group(1) == "/", tag.group(2), tag.group(3), True))
     return sorted(out)
