@@ -20,7 +20,7 @@ Rules where the serving projects disagree (each is tested in tests/test_tool_vec
 - types: the first type of the schema, in declared order, that reads the text wins
   (`["integer", "string"]` reads "42" as 42, `["string", "integer"]` as "42"); an enum
   value written out is that value (`enum: [1, 2]` reads "2" as 2); a value no type reads
-  stays text. A value written on lines of its own (`<shape>\nrectangle\n</shape>`) loses
+  stays text. A value written on lines of its own (`<shape>\\nrectangle\\n</shape>`) loses
   those two newlines, as vLLM trims them; a value that only ends in a newline (a file's
   last line) keeps it; typed values lose all outer whitespace. Values are taken as
   written: the template writes them without escaping.
@@ -351,7 +351,7 @@ def _value(node: _Node, schema: Any, source: str, guess: bool) -> Any:
         return _leaf(text, schema, guess)
     types = _types(schema)
     if types and types[0] == "string" and not _container(schema):
-        return source[node.begin:node.end].replace(NS_TOKEN, "")
+        return _unwrap_lines(source[node.begin:node.end].replace(NS_TOKEN, ""))
     container = _container(schema) or ("array" if all(c.name == "item" for c in kids) else "object")
     if container == "array":
         items = _sub_schema(schema, None)
