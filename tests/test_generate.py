@@ -12,17 +12,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from minimax_m3_mlx import synthetic  # noqa: E402
-from minimax_m3_mlx.tokenizer import (  # noqa: E402
+from minimax_m3_mlx.chat_format.markers import (  # noqa: E402
     NS_TOKEN,
-    SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
     TOOL_CALL_START,
-    ThinkingModeError,
-    resolve_thinking_mode,
 )
-from minimax_m3_mlx.tool_parser import parse_tool_call, split_tool_calls  # noqa: E402
+from minimax_m3_mlx.chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode  # noqa: E402
+from minimax_m3_mlx.synthetic import SPECIAL_TOKENS  # noqa: E402
+from minimax_m3_mlx.chat_format.tool_parser import parse_tool_call, split_tool_calls  # noqa: E402
 
 SMALL_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
@@ -61,7 +60,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    from minimax_m3_mlx.generate import load
+    from minimax_m3_mlx import load
 
     return load(str(ckpt[0]))
 
@@ -195,7 +194,7 @@ def test_greedy_generation_matches_transformers(ckpt, loaded):
     import torch
     from reference import build_reference
 
-    from minimax_m3_mlx.generate import generate
+    from minimax_m3_mlx.serving.generate import generate
 
     _, config, ref_weights = ckpt
     model, tok = loaded
@@ -215,7 +214,7 @@ def test_greedy_generation_matches_transformers(ckpt, loaded):
 
 
 def test_enabled_thinking_puts_the_output_in_reasoning(loaded):
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     prompt = chat_prompt(tok, user("hi"), thinking="enabled")
@@ -235,7 +234,7 @@ def _detok(tok, tokens):
 
 def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     """Reasoning, answer and a tool call forced through the sampler come back apart."""
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     script = (THINK_START + "plan" + THINK_END + "Checking." + TOOL_CALL_START + "\n" + NS_TOKEN
@@ -274,7 +273,7 @@ def _forcing(ids):
 
 
 def test_generate_cli_output_stats_and_prompt_cache_file(ckpt, loaded, tmp_path, capsys):
-    from minimax_m3_mlx import generate as gen_mod
+    from minimax_m3_mlx.serving import generate as gen_mod
 
     path = str(ckpt[0])
     model, tok = loaded
@@ -310,8 +309,8 @@ def test_generate_cli_output_stats_and_prompt_cache_file(ckpt, loaded, tmp_path,
 
 
 def test_chat_reuses_the_cache_and_matches_a_fresh_run(loaded):
-    from minimax_m3_mlx.chat import ChatSession
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.chat import ChatSession
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     session = ChatSession(model, tok, thinking="disabled", system_prompt="Be brief.", max_tokens=10)
@@ -328,7 +327,7 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(loaded):
 
 
 def test_chat_cli_commands(ckpt, capsys):
-    from minimax_m3_mlx import chat
+    from minimax_m3_mlx.serving import chat
 
     lines = iter(["hi", "/think disabled", "/think sometimes", "hello", "/reset", "/exit"])
     assert chat.main(["--model", str(ckpt[0]), "-m", "4", "--stats"], input_fn=lambda _: next(lines)) == 0
@@ -339,7 +338,7 @@ def test_chat_cli_commands(ckpt, capsys):
 
 def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
     """A cache file written for one model is refused for another."""
-    from minimax_m3_mlx.generate import PromptCache
+    from minimax_m3_mlx.serving.generate import PromptCache
 
     model, _ = loaded
     f = tmp_path / "c.safetensors"
@@ -358,7 +357,7 @@ def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
 def test_printer_dims_reasoning_on_a_terminal():
     import io
 
-    from minimax_m3_mlx.generate import DIM, RESET, Generation, Printer
+    from minimax_m3_mlx.serving.generate import DIM, RESET, Generation, Printer
 
     out = io.StringIO()
     p = Printer(out, color=True)

@@ -26,7 +26,7 @@ import pytest
 from test_server import ckpt, client, force, server  # noqa: F401  (fixtures)
 from tool_vectors import TOOLS, VECTORS
 
-from minimax_m3_mlx.tool_parser import parse_tool_call, split_reply
+from minimax_m3_mlx.chat_format.tool_parser import parse_tool_call, split_reply
 
 MARKERS = re.compile(r"(\]<\]minimax\[>\[|</?mm:think>|\s+|\w+|.)", re.S)
 
@@ -36,10 +36,10 @@ def tok(tmp_path_factory):
     from mlx_lm.tokenizer_utils import load
 
     from minimax_m3_mlx import synthetic
-    from minimax_m3_mlx.tokenizer import configure_tokenizer, write_tiny_tokenizer
+    from minimax_m3_mlx.chat_format.tokenizer import configure_tokenizer
 
     path = tmp_path_factory.mktemp("vector_tokenizer")
-    write_tiny_tokenizer(path, synthetic.tiny_config())
+    synthetic.write_tiny_tokenizer(path, synthetic.tiny_config())
     return configure_tokenizer(load(path))
 
 
@@ -78,7 +78,7 @@ def _stream(tok, chunks, tools, state):
     from mlx_lm.generate import make_text_state_machine
     from mlx_lm.server import Response
 
-    from minimax_m3_mlx.server import _ReplyTracker
+    from minimax_m3_mlx.serving.server import _ReplyTracker
 
     ctx = SimpleNamespace(text_sm=make_text_state_machine(tok), initial_state=state, tool_parser=tok.tool_parser)
     tracker = _ReplyTracker(ctx, tok, tools)
