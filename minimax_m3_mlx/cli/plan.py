@@ -245,7 +245,7 @@ def _print_recommendation(best: Optional[LayoutPlan], why: str) -> int:
         return 1
     mode = "tensor" if best.pipeline == 1 else "pipeline" if best.tensor == 1 else "both"
     print(f"Recommended: {best.name} — {why}.")
-    print(f"  load with minimax_m3_mlx.load(path, mx.distributed.init(), mode={mode!r}"
+    print(f"  load with minimax_m3_mlx.load(path, group=mx.distributed.init(), mode={mode!r}"
           + (f", tensor={best.tensor}" if mode == "both" else "") + ") under mlx.launch; see docs/distributed.md.")
     need_mb = int(max(r.total for r in best.ranks) / 2**20) + 1024
     print(f"  macOS wires at most ~75% of RAM for the GPU by default; allow this much on each Mac with:\n"

@@ -20,9 +20,12 @@ from .sharded import load_sharded
 __all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path"]
 
 
-def load(path: str | Path, group=None, mode: str = "tensor", tensor: Optional[int] = None, *,
-         lazy: bool = False, tokenizer_config: Optional[dict] = None, thinking: Optional[str] = None):
+def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] = None, *,
+         group=None, mode: str = "tensor", tensor: Optional[int] = None, thinking: Optional[str] = None):
     """(model, tokenizer) from a checkpoint folder, like `mlx_lm.load`.
+
+    The first three parameters keep 0.1.0's positional order (`load(path, lazy,
+    tokenizer_config)`); the rest are keyword-only.
 
     group: an mx.distributed Group of more than one rank (e.g. `mx.distributed.init()`
     under `mlx.launch`) loads only this rank's part, split as `mode` says ("tensor",

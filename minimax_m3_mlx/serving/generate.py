@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         mx.random.seed(args.seed)
     if mx.distributed.init().rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
-    model, tokenizer = load(args.model, mx.distributed.init(), args.parallel, thinking=args.thinking)
+    model, tokenizer = load(args.model, group=mx.distributed.init(), mode=args.parallel, thinking=args.thinking)
 
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt

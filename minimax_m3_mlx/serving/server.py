@@ -86,7 +86,7 @@ class MiniMaxModelProvider(ModelProvider):
         # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
         group = mx.distributed.init() if self.is_distributed else None
         mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
-        model, tokenizer = load(path, group, mode, tokenizer_config=tokenizer_config,
+        model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
                                 thinking=self.cli_args.thinking)
 
         self.model_key = (model_path, adapter_path, draft_model_path)
