@@ -250,7 +250,7 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
 
 def test_only_a_leading_think_end_is_dropped(loaded):
     """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     ids = tok.encode(THINK_END + "A" + THINK_END + "B ]", add_special_tokens=False) + [tok.eos_token_id]
