@@ -173,11 +173,14 @@ def test_tool_parser_types_forms_and_failures():
     # MiniMax-M2's spelling (no namespace token, <parameter name=...>)
     m2 = '<invoke name="f">\n<parameter name="a">1</parameter>\n<parameter name="b">x y</parameter>\n</invoke>'
     assert parse_tool_call(m2) == {"name": "f", "arguments": {"a": 1, "b": "x y"}}
-    # several calls come back as a list; one cut off keeps its complete arguments only
+    # several calls come back as a list
     two = f'{ns}<invoke name="f">{ns}</invoke>\n{ns}<invoke name="g">{ns}<a>1{ns}</a>{ns}</invoke>'
     assert parse_tool_call(two) == [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"a": 1}}]
-    assert parse_tool_call(f'\n{ns}<invoke name="get_weather">{ns}<days>2{ns}</days>{ns}<city>Par', [WEATHER]) == {
-        "name": "get_weather", "arguments": {"days": 2}}
+    # the block's end marker closes what is open; a block cut off by max_tokens holds no call
+    open_city = f'\n{ns}<invoke name="get_weather">{ns}<days>2{ns}</days>{ns}<city>Par'
+    assert parse_tool_call(open_city, [WEATHER]) == {"name": "get_weather", "arguments": {"days": 2, "city": "Par"}}
+    with pytest.raises(ValueError, match="no complete MiniMax tool call"):
+        parse_tool_call(open_city, [WEATHER], complete=False)
     with pytest.raises(ValueError, match="no complete MiniMax tool call"):
         parse_tool_call(f'\n{ns}<invoke name="get_wea')
     with pytest.raises(ValueError):

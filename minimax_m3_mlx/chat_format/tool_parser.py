@@ -41,10 +41,12 @@ Rules where the serving projects disagree (each is tested in tests/test_tool_vec
   elements first (rtp-llm's repair of a dropped `</rest_days>`), never out of an object
   that declares no properties. Text between arguments of an invoke is ignored and the
   arguments after it still count (vLLM drops them).
-- truncated output (max_tokens): an invoke whose opening tag is complete is a call with
-  the arguments complete so far (vLLM-like); an element cut off is left out. A block
-  with no such invoke is not a call: the server returns its text, markers included, as
-  content (SGLang), so nothing is lost silently.
+- truncated output (max_tokens): a block with an invoke that was cut off (never closed,
+  neither by `</invoke>` nor by the block's end marker) holds no call at all: the server
+  returns its text, markers included, as content with finish_reason "length" (SGLang).
+  vLLM instead emits the cut-off call with the arguments complete so far; an agent that
+  ignores finish_reason would then run a call with arguments missing, which is worse
+  than no call, so nothing of a cut-off block is executed and nothing is lost.
 - text after a tool block is content (mlx-lm's text state machine; vLLM drops it).
 - unknown tool names: the call is returned as written (vLLM) and the client answers
   "no such tool"; rtp-llm drops it. A name that matches exactly one declared tool when
@@ -221,8 +223,10 @@ def _attrs(source: str) -> Dict[str, str]:
     return {k: v[1:-1] if v[:1] in "\"'" else v for k, v in _ATTR.findall(source or "")}
 
 
-def _tree(text: str, schemas: Dict[str, dict]) -> _Node:
-    """The elements of the call text; elements still open at the end stay `closed=False`."""
+def _tree(text: str, schemas: Dict[str, dict], complete: bool = True) -> _Node:
+    """The elements of the call text. In a complete block (its end marker seen) the end
+    closes what is still open, like any closing tag; in a cut-off one those elements
+    stay `closed=False`."""
     root = _Node("", {}, None, 0)
     stack = [root]
     pos = 0
@@ -274,6 +278,8 @@ def _tree(text: str, schemas: Dict[str, dict]) -> _Node:
         stack[-1].children.append(node)
         stack.append(node)
     stack[-1].text.append(text[pos:])
+    if complete:
+        close(1, len(text))
     for node in stack[1:]:
         node.end = len(text)
     return root
@@ -381,28 +387,34 @@ def _members(kids: List[_Node], schema: Any, source: str, guess: bool) -> Dict[s
     return out
 
 
-def parse_tool_calls(text: str, tools: Optional[list] = None) -> List[Dict[str, Any]]:
-    """Every invoke in `text` whose opening tag is complete: [{"name", "arguments"}, ...]."""
+def parse_tool_calls(text: str, tools: Optional[list] = None, complete: bool = True) -> List[Dict[str, Any]]:
+    """Every invoke in `text`: [{"name", "arguments"}, ...]; none if any invoke was cut off.
+
+    complete: the block's end marker followed `text` (mlx-lm hands its parser only such
+    blocks); False for a block that generation cut off."""
     schemas = _schemas(tools)
     guess = not schemas
     calls = []
+    cut_off = False
 
     def visit(node: _Node):
+        nonlocal cut_off
         for child in node.children:
             if child.name == "invoke":
+                cut_off |= not child.closed
                 if child.attrs.get("name"):
                     args = _members([a for a in child.children if a.closed], child.schema, text, guess)
                     calls.append({"name": child.attrs["name"], "arguments": args})
             else:
                 visit(child)
 
-    visit(_tree(text, schemas))
-    return calls
+    visit(_tree(text, schemas, complete))
+    return [] if cut_off else calls
 
 
-def parse_tool_call(text: str, tools: Optional[list] = None):
+def parse_tool_call(text: str, tools: Optional[list] = None, complete: bool = True):
     """mlx-lm's tool-parser entry point: one call as a dict, several as a list."""
-    calls = parse_tool_calls(text, tools)
+    calls = parse_tool_calls(text, tools, complete)
     if not calls:
         raise ValueError(f"no complete MiniMax tool call (an invoke with its name) in {text[:200]!r}")
     return calls[0] if len(calls) == 1 else calls
@@ -437,7 +449,7 @@ def split_reply(text: str, tools: Optional[list] = None, state: str = "normal") 
         if state == "tool":
             end = text.find(tool_call_end, pos)
             body = text[pos:] if end < 0 else text[pos:end]
-            calls = parse_tool_calls(body, tools)
+            calls = parse_tool_calls(body, tools, complete=end >= 0)
             out.calls += calls
             if not calls:
                 content.append(unparsed_block(body, end >= 0))
@@ -470,7 +482,7 @@ def split_tool_calls(text: str, tools: Optional[list] = None):
         content.append(text[pos:start])
         end = text.find(tool_call_end, start)
         body = text[start + len(tool_call_start): end if end >= 0 else len(text)]
-        found = parse_tool_calls(body, tools)
+        found = parse_tool_calls(body, tools, complete=end >= 0)
         calls += found
         if not found:
             content.append(unparsed_block(body, end >= 0))

@@ -52,7 +52,7 @@ from mlx_lm.utils import _parse_size
 
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
-from ..chat_format.tool_parser import unparsed_block
+from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import load, resolve_path
 
 
@@ -136,10 +136,23 @@ class _ReplyTracker:
         self.reasoning: List[str] = []
         self.calls: List[dict] = []
         self.stopped_at_eos = False
+        self.cut_off = False  # the reply ended inside a tool-call block
+
+    def parse_block(self, text: str, tools=None):
+        """The handler's tool parser: it hands a block cut off by max_tokens over as if it
+        were complete, and a cut-off block holds no call (tool_parser's rule)."""
+        return parse_tool_call(text, tools, complete=not self.cut_off)
 
     def _end_block(self, closed: bool) -> None:
         body = "".join(self.block)
         self.block = None
+        if not closed and self.parser is parse_tool_call:
+            # Cut off by max_tokens: calls only if no invoke was cut off (tool_parser's rule).
+            found = parse_tool_calls(body, self.tools, complete=False)
+            self.calls += found
+            if not found:
+                self.unsent.append(unparsed_block(body, closed))
+            return
         try:
             parsed = self.parser(body, self.tools)
             self.calls += parsed if isinstance(parsed, list) else [parsed]
@@ -165,6 +178,7 @@ class _ReplyTracker:
                 elif state == "reasoning":
                     self.reasoning.append(piece)
             if final and self.block is not None:
+                self.cut_off = True
                 self._end_block(closed=False)
             changes = {"text": text}
             if gen.finish_reason == "stop" and gen.token in self.eos_ids:
@@ -190,6 +204,8 @@ class _TrackedGenerator:
     def generate(self, request, generation_args, progress_callback=None):
         ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
+        if ctx.tool_parser is parse_tool_call:
+            ctx.tool_parser = tracker.parse_block  # this request's context only
         self._handler._reply = tracker
         return ctx, tracker.follow(responses)
 
