@@ -6,7 +6,10 @@ At the bottom of the layers so that every command's parser (convert, serving, cl
 from __future__ import annotations
 
 import argparse
+import json
 import math
+
+from mlx_lm.utils import _parse_size
 
 
 def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, also=()):
@@ -39,3 +42,23 @@ positive_float = number(float, lo=0, lo_open=True)
 probability = number(float, lo=0, hi=1)
 seed = number(int, lo=0, hi=2**64 - 1)  # mx.random.seed takes a uint64
 port = number(int, lo=0, hi=65535)
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
+    return value
+
+
+def size(text: str) -> int:
+    try:
+        value = _parse_size(text)
+    except Exception:  # decimal.InvalidOperation, ValueError, KeyError
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512MB, 8GB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value

@@ -164,19 +164,25 @@ def test_tool_parser_types_forms_and_failures():
     body = (f'\n{ns}<invoke name="get_weather">{ns}<days>4{ns}</days>{ns}<zip>0123{ns}</zip>'
             f'{ns}<note>null{ns}</note>{ns}<tags>{ns}</tags>{ns}<extra>{{"k": [1, 2]}}{ns}</extra>'
             f'{ns}<free>plain text{ns}</free>{ns}</invoke>\n')
+    # parameters the schema does not declare stay text (tests/test_tool_vectors.py has the rules)
     assert parse_tool_call(body, [WEATHER]) == {"name": "get_weather", "arguments": {
-        "days": 4, "zip": "0123", "note": None, "tags": [], "extra": {"k": [1, 2]}, "free": "plain text"}}
-    # without a schema: JSON when it parses, else the text
+        "days": 4, "zip": "0123", "note": None, "tags": [], "extra": '{"k": [1, 2]}', "free": "plain text"}}
+    # without any tools declared: JSON when it parses, else the text
     untyped = parse_tool_call(body)["arguments"]
     assert untyped["days"] == 4 and untyped["zip"] == "0123" and untyped["free"] == "plain text"
     # MiniMax-M2's spelling (no namespace token, <parameter name=...>)
     m2 = '<invoke name="f">\n<parameter name="a">1</parameter>\n<parameter name="b">x y</parameter>\n</invoke>'
     assert parse_tool_call(m2) == {"name": "f", "arguments": {"a": 1, "b": "x y"}}
-    # several calls come back as a list; an unclosed one is not a call
+    # several calls come back as a list
     two = f'{ns}<invoke name="f">{ns}</invoke>\n{ns}<invoke name="g">{ns}<a>1{ns}</a>{ns}</invoke>'
     assert parse_tool_call(two) == [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"a": 1}}]
+    # the block's end marker closes what is open; a block cut off by max_tokens holds no call
+    open_city = f'\n{ns}<invoke name="get_weather">{ns}<days>2{ns}</days>{ns}<city>Par'
+    assert parse_tool_call(open_city, [WEATHER]) == {"name": "get_weather", "arguments": {"days": 2, "city": "Par"}}
     with pytest.raises(ValueError, match="no complete MiniMax tool call"):
-        parse_tool_call(f'\n{ns}<invoke name="get_weather">{ns}<city>Par')
+        parse_tool_call(open_city, [WEATHER], complete=False)
+    with pytest.raises(ValueError, match="no complete MiniMax tool call"):
+        parse_tool_call(f'\n{ns}<invoke name="get_wea')
     with pytest.raises(ValueError):
         parse_tool_call("prose where a call should be")
 
@@ -243,6 +249,17 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     assert gen.tokens == ids and gen.finish_reason == "stop"
     assert gen.reasoning == "plan" and gen.text == "Checking."
     assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
+
+
+def test_only_a_leading_think_end_is_dropped(loaded):
+    """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+
+    model, tok = loaded
+    ids = tok.encode(THINK_END + "A" + THINK_END + "B ]", add_special_tokens=False) + [tok.eos_token_id]
+    gen = generate(model, tok, chat_prompt(tok, user("x"), thinking="adaptive"), max_tokens=len(ids) + 2,
+                   logits_processors=[_forcing(ids)])
+    assert gen.finish_reason == "stop" and gen.reasoning == "" and gen.text == "A" + THINK_END + "B ]"
 
 
 def _forcing(ids):

@@ -110,9 +110,9 @@ def configure_tokenizer(tokenizer: TokenizerWrapper, thinking: Optional[str] = N
     """MiniMax-M3's markers, tool parser and thinking modes on a loaded mlx-lm tokenizer.
 
     With an M3-style chat template (`<mm:think>` / `]<]minimax[>[`), the wrapper's reasoning
-    markers become `<mm:think>`/`</mm:think>` (a `</mm:think>` outside reasoning, e.g. the
-    bare one that is the trained form of "no reasoning this turn", is dropped from answers),
-    its tool-call markers
+    markers become `<mm:think>`/`</mm:think>` (the bare `</mm:think>` a reply opens with, the
+    trained form of "no reasoning this turn", is dropped by BareThinkEnd; a later one in an
+    answer is text), its tool-call markers
     `]<]minimax[>[<tool_call>` / `]<]minimax[>[</tool_call>` and its tool parser
     `tool_parser.parse_tool_call`. Other templates (e.g. MiniMax-M2's) keep mlx-lm's
     inference. `thinking` sets the default thinking mode.
@@ -131,5 +131,35 @@ def configure_tokenizer(tokenizer: TokenizerWrapper, thinking: Optional[str] = N
         tok._tool_call_start, tok._tool_call_end = TOOL_CALL_START, TOOL_CALL_END
         tok._tool_call_start_tokens, tok._tool_call_end_tokens = ids(TOOL_CALL_START), ids(TOOL_CALL_END)
         tok._tool_parser = parse_tool_call
-        tok._structural_markers = (THINK_END,)
     return tok
+
+
+class BareThinkEnd:
+    """Drops the bare `</mm:think>` a reply opens with when it does not reason.
+
+    That one is the trained form of "no reasoning this turn" (adaptive mode); a
+    `</mm:think>` later in an answer is text and stays, as vLLM keeps `XXX</mm:think>YYY`.
+    mlx-lm's text state machine cannot tell the first from the others (a structural marker
+    is stripped everywhere), so reply text passes through this before it. `active`: the
+    reply starts outside reasoning with MiniMax-M3's markers.
+    """
+
+    def __init__(self, active: bool):
+        self._held: Optional[str] = "" if active else None
+
+    @classmethod
+    def for_reply(cls, tokenizer, initial_state: str) -> "BareThinkEnd":
+        return cls(initial_state == "normal" and getattr(tokenizer, "think_end", None) == THINK_END)
+
+    def __call__(self, text: str, final: bool = False) -> str:
+        if self._held is None:
+            return text
+        held = self._held + text
+        if held.startswith(THINK_END):
+            self._held = None
+            return held[len(THINK_END):]
+        if THINK_END.startswith(held) and not final:
+            self._held = held
+            return ""
+        self._held = None
+        return held

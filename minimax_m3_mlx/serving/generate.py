@@ -37,6 +37,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..arg_types import non_negative_float, non_negative_int, number, positive_float, positive_int, probability, seed
 from ..chat_format.markers import THINKING_MODES
+from ..chat_format.tokenizer import BareThinkEnd
 from ..loading import load, resolve_path
 from . import multimodal
 
@@ -205,6 +206,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
     out = Generation(cached_tokens=len(prompt) - len(rest))
     sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
+    bare_think_end = BareThinkEnd.for_reply(tokenizer, sm_state[0])
     pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
     tool_text: List[str] = []
     prev_state = sm_state[0]
@@ -213,7 +215,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
                                 prefill_step_size=prefill_step_size, **extra):
         out.tokens.append(resp.token)
-        sm_state, segments = TextStateMachine.split(sm_state, resp.text)
+        sm_state, segments = TextStateMachine.split(sm_state, bare_think_end(resp.text, resp.finish_reason is not None))
         if resp.finish_reason is not None:
             sm_state, flushed, state = TextStateMachine.flush(sm_state)
             segments.append((state, flushed))

@@ -23,26 +23,30 @@ and streaming are used as they are); what differs:
 - requests are served one at a time: mlx-lm's batched path would merge our caches into
   its BatchKVCache, which knows nothing of the sparse layers' index keys;
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
-  abort at exit).
+  abort at exit);
+- the end of a reply is not lost: mlx-lm's handler drops the text it holds back as a
+  possible marker start (a final `]` or `<`) when the model stops, and a tool-call block
+  that holds no call (e.g. cut off by max_tokens before the tool's name) comes back as
+  content, markers included, instead of vanishing (see _ReplyTracker).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import logging
-import re
 import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
     APIHandler,
@@ -53,30 +57,18 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from ..arg_types import non_negative_float, non_negative_int, number, port, positive_int, probability
+from ..arg_types import json_object, non_negative_float, non_negative_int, number, port, positive_int, probability, size
 from ..chat_format.markers import THINKING_MODES
-from ..chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode
-from ..config import ModelArgs
-from ..io import CheckpointError
-from ..io.reader import read_header, weight_files
-from ..loading import load, resolve_path
+from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
+from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
+from ..loading import check_folder, load, resolve_path
 from .generate import ContextLimitError, reply_room
+from .http_errors import OpenAIErrorBodies, RequestError
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
 REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive", "medium": "adaptive",
                     "high": "enabled", "xhigh": "enabled"}
-
-
-def _check_folder(path) -> None:
-    """What makes a folder unloadable, found from its config and file headers before the
-    server listens (the weights themselves load in the generation thread, where a failure
-    could only be logged)."""
-    ModelArgs.from_file(path)
-    for f in weight_files(path):
-        read_header(f)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
 class MiniMaxModelProvider(ModelProvider):
@@ -89,7 +81,7 @@ class MiniMaxModelProvider(ModelProvider):
     def __init__(self, cli_args):
         super().__init__(cli_args)
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
-        _check_folder(path)
+        check_folder(path)
         for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
             self._model_map.setdefault(alias, cli_args.model)
 
@@ -153,6 +145,104 @@ class MiniMaxResponseGenerator(ResponseGenerator):
         finally:
             mx.synchronize()
             mx.clear_streams()
+
+
+class _ReplyTracker:
+    """One reply as mlx-lm's handler sees it, to put right what that handler loses.
+
+    The handler (mlx_lm.server.APIHandler.handle_completion) runs the reply through a text
+    state machine that holds back text which could start a marker. When the model stops
+    (EOS) it discards that held text and the last detokenizer segment, so a reply ending in
+    `]` or `<` loses it; at max_tokens it flushes them. SGLang's rule is ours: finish
+    releases the held text. Its tool formatter also drops a block the parser finds no call
+    in. This tracker replays the same state machine on the same text, one step ahead of the
+    handler: it hands the handler an EOS stop as "length" (split and flush) and keeps the
+    real reason, and it keeps the content with unparsed blocks in place, which the handler's
+    generate_response then sends instead of its own text.
+    """
+
+    def __init__(self, ctx, tokenizer, tools):
+        self.state = ctx.text_sm.make_state(ctx.initial_state)
+        self.parser, self.tools = ctx.tool_parser, tools
+        self.bare_think_end = BareThinkEnd.for_reply(tokenizer, ctx.initial_state)
+        self.eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.block: Optional[List[str]] = None  # text of the open tool-call block
+        self.unsent: List[str] = []  # content the handler has not sent yet, unparsed blocks included
+        self.reasoning: List[str] = []
+        self.calls: List[dict] = []
+        self.stopped_at_eos = False
+        self.cut_off = False  # the reply ended inside a tool-call block
+
+    def parse_block(self, text: str, tools=None):
+        """The handler's tool parser: it hands a block cut off by max_tokens over as if it
+        were complete, and a cut-off block holds no call (tool_parser's rule)."""
+        return parse_tool_call(text, tools, complete=not self.cut_off)
+
+    def _end_block(self, closed: bool) -> None:
+        body = "".join(self.block)
+        self.block = None
+        if not closed and self.parser is parse_tool_call:
+            # Cut off by max_tokens: calls only if no invoke was cut off (tool_parser's rule).
+            found = parse_tool_calls(body, self.tools, complete=False)
+            self.calls += found
+            if not found:
+                self.unsent.append(unparsed_block(body, closed))
+            return
+        try:
+            parsed = self.parser(body, self.tools)
+            self.calls += parsed if isinstance(parsed, list) else [parsed]
+        except (ValueError, json.JSONDecodeError):
+            self.unsent.append(unparsed_block(body, closed))
+
+    def follow(self, responses):
+        for gen in responses:
+            final = gen.finish_reason is not None
+            text = self.bare_think_end(gen.text, final)
+            self.state, segments = TextStateMachine.split(self.state, text)
+            if final:
+                self.state, held, state = TextStateMachine.flush(self.state)
+                segments.append((state, held))
+            for state, piece in segments:
+                if self.block is not None and state != "tool":
+                    self._end_block(closed=True)
+                if state == "tool":
+                    self.block = self.block if self.block is not None else []
+                    self.block.append(piece)
+                elif state == "normal":
+                    self.unsent.append(piece)
+                elif state == "reasoning":
+                    self.reasoning.append(piece)
+            if final and self.block is not None:
+                self.cut_off = True
+                self._end_block(closed=False)
+            changes = {"text": text}
+            if gen.finish_reason == "stop" and gen.token in self.eos_ids:
+                self.stopped_at_eos = True
+                changes["finish_reason"] = "length"  # the handler then splits and flushes
+            yield dataclasses.replace(gen, **changes)
+
+    def take_content(self) -> str:
+        out = "".join(self.unsent)
+        self.unsent.clear()
+        return out
+
+
+class _TrackedGenerator:
+    """The shared response generator as one request's handler sees it: replies tracked."""
+
+    def __init__(self, shared: ResponseGenerator, handler: "MiniMaxAPIHandler"):
+        self._shared, self._handler = shared, handler
+
+    def __getattr__(self, name):
+        return getattr(self._shared, name)
+
+    def generate(self, request, generation_args, progress_callback=None):
+        ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
+        if ctx.tool_parser is parse_tool_call:
+            ctx.tool_parser = tracker.parse_block  # this request's context only
+        self._handler._reply = tracker
+        return ctx, tracker.follow(responses)
 
 
 def _thinking_from_request(body: dict) -> Optional[str]:
@@ -231,56 +321,13 @@ def _check_stop(stop: Any) -> None:
         raise ValueError("stop must be a string or a list of non-empty strings")
 
 
-class RequestError(ValueError):
-    """A refused request, with OpenAI's `param` and `code` for its error body."""
-
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
-def openai_error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    if param is None:  # our messages and mlx-lm's start with the field they refuse
-        m = re.match(r"(?:malformed request: \w+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*) must ", message)
-        param = m.group(1) if m else None
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 404:
-        kind = "not_found_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class _OpenAIErrorBodies:
-    """The handler's output stream: an error body mlx-lm writes as `{"error": msg}` (or as
-    plain text) leaves in OpenAI's shape. Everything else passes through untouched."""
-
-    def __init__(self, handler, raw):
-        self._handler, self._raw = handler, raw
-
-    def write(self, data: bytes):
-        status = getattr(self._handler, "_status", 200)
-        if status >= 400 and data and self._handler._body_started:
-            try:
-                body = json.loads(data)
-                message = body["error"] if isinstance(body, dict) else None
-            except (ValueError, UnicodeDecodeError):
-                message = data.decode(errors="replace")
-            if isinstance(message, str):
-                err = getattr(self._handler, "_error", None)
-                data = json.dumps(openai_error(status, message, getattr(err, "param", None),
-                                              getattr(err, "code", None))).encode()
-        return self._raw.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._raw, name)
-
-
 class MiniMaxAPIHandler(APIHandler):
     """mlx-lm's handler, plus request checks, the per-request thinking mode, the context
     limit, OpenAI-shaped error bodies and a /v1/models that needs no Hugging Face cache."""
 
     def setup(self):
         super().setup()
-        self.wfile = _OpenAIErrorBodies(self, self.wfile)
+        self.wfile = OpenAIErrorBodies(self, self.wfile)
 
     def send_response(self, code, message=None):
         self._status, self._body_started = code, False
@@ -402,34 +449,28 @@ class MiniMaxAPIHandler(APIHandler):
         self.wfile.write(json.dumps(body).encode())
         self.wfile.flush()
 
-    def generate_response(self, *args, **kwargs) -> dict:
-        response = super().generate_response(*args, **kwargs)
+    def handle_completion(self, request, stop_words):
+        shared = self.response_generator
+        self.response_generator, self._reply = _TrackedGenerator(shared, self), None
+        try:
+            super().handle_completion(request, stop_words)
+        finally:
+            self.response_generator, self._reply = shared, None
+
+    def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        reply = getattr(self, "_reply", None)
+        if reply is not None:
+            text = reply.take_content()
+            if finish_reason == "length" and reply.stopped_at_eos or finish_reason == "tool_calls":
+                # "tool_calls" only when a call was made: a block that held none came back as content
+                finish_reason = "tool_calls" if reply.calls else "stop"
+        response = super().generate_response(text, finish_reason, *args, **kwargs)
         for choice in response.get("choices", []):
             for key in ("message", "delta"):
                 msg = choice.get(key)
                 if isinstance(msg, dict) and "reasoning" in msg:
                     msg["reasoning_content"] = msg["reasoning"]
         return response
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
-    return value
-
-
-def _size(text: str) -> int:
-    try:
-        value = _parse_size(text)
-    except Exception:  # decimal.InvalidOperation, ValueError, KeyError
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512MB, 8GB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -441,7 +482,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="thinking mode of requests that name none (default: adaptive, the template's own)")
     p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
     p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
-    p.add_argument("--chat-template-args", type=_json_object, default="{}",
+    p.add_argument("--chat-template-args", type=json_object, default="{}",
                    help="JSON of extra chat template arguments for every request")
     p.add_argument("--temp", type=non_negative_float, default=0.0, help="default sampling temperature")
     p.add_argument("--top-p", type=number(float, lo=0, lo_open=True, hi=1), default=1.0, help="default top-p")
@@ -451,7 +492,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
     p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
                    help="most KV caches kept between requests")
-    p.add_argument("--prompt-cache-bytes", type=_size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
+    p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
