@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
+from . import decode
 from .attention import Attention
 from .cache import SparseKVCache
 from .config import ModelArgs
@@ -25,6 +26,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if decode.usable(self, x, cache):
+            return decode.step(self, x, cache)
         h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 

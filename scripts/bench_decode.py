@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# BENCH_PACKAGE_ROOT: time another copy of the package (e.g. the code before a change)
+# with this script, in the same session.
+sys.path.insert(0, os.environ.get("BENCH_PACKAGE_ROOT", str(ROOT)))
 
 from minimax_m3_mlx import recipes  # noqa: E402
 from minimax_m3_mlx.cache import SparseKVCache  # noqa: E402
@@ -214,14 +217,23 @@ def median_ms(fn, steps, warm=2):
     return statistics.median(ts) * 1e3
 
 
-def time_generate(model, caches, tokens, warm):
+def time_generate(model, caches, tokens, warm, repeats, S):
+    """Median ms between tokens of generate_step, the best of `repeats` runs from context S."""
     from mlx_lm.generate import generate_step
 
-    stamps = []
-    for _, _ in generate_step(mx.array([1], dtype=mx.int32), model, max_tokens=warm + tokens, prompt_cache=caches):
-        stamps.append(time.perf_counter())
-    deltas = [b - a for a, b in zip(stamps, stamps[1:])][warm:]
-    return statistics.median(deltas) * 1e3
+    medians, spread = [], []
+    for _ in range(repeats):
+        set_offset(caches, S)
+        stamps = []
+        for _, _ in generate_step(mx.array([1], dtype=mx.int32), model, max_tokens=warm + tokens,
+                                  prompt_cache=caches):
+            stamps.append(time.perf_counter())
+        deltas = [b - a for a, b in zip(stamps, stamps[1:])][warm:]
+        medians.append(statistics.median(deltas) * 1e3)
+        q = sorted(deltas)
+        spread.append((round(q[len(q) // 10] * 1e3, 3), round(q[-1 - len(q) // 10] * 1e3, 3)))
+    best = min(range(repeats), key=lambda i: medians[i])
+    return medians[best], {"medians": [round(m, 3) for m in medians], "p10_p90": spread[best]}
 
 
 def moe_layers(impl, model):
@@ -256,6 +268,40 @@ def floor_parts(impl, layer, hidden):
         return ([p(x) for p in (a.q_proj, a.k_proj, a.v_proj, *index)] + [a.o_proj(xo), router()]
                 + [sw.gate_proj(xe, ids), sw.up_proj(xe, ids), sw.down_proj(he, ids)]
                 + [se.gate_proj(x), se.up_proj(x), se.down_proj(hs)])
+
+    return parts
+
+
+def fused_floor_parts(impl, layer, hidden):
+    """The same matmuls with q/k/v/index q/k as one projection and expert gate+up as one
+    gather_qmm (the weights concatenated along the output axis: exactly the same products)."""
+    a = layer.self_attn
+    m = layer.mlp if impl == "ours" else layer.block_sparse_moe
+    sw, se = m.switch_mlp, m.shared_experts
+    proj = [a.q_proj, a.k_proj, a.v_proj] + ([a.indexer.q_proj, a.indexer.k_proj] if impl == "ours"
+                                             else [a.index_q_proj, a.index_k_proj])
+    if len({(p.bits, p.group_size, p.mode) for p in proj}) != 1:
+        return None
+    cat = lambda mods, name, axis: (mx.concatenate([getattr(p, name) for p in mods], axis=axis)  # noqa: E731
+                                    if getattr(mods[0], name, None) is not None else None)
+    qkv = [cat(proj, n, 0) for n in ("weight", "scales", "biases")]
+    gu = [cat([sw.gate_proj, sw.up_proj], n, 1) for n in ("weight", "scales", "biases")]
+    sgu = [cat([se.gate_proj, se.up_proj], n, 0) for n in ("weight", "scales", "biases")]
+    mx.eval(qkv, gu, sgu)
+    p0, s0 = proj[0], sw.gate_proj
+    plain = floor_parts(impl, layer, hidden)
+    k = layer_topk(impl, layer)
+    x = (mx.random.normal((1, 1, hidden)) * 0.5).astype(mx.bfloat16)
+    xe = mx.expand_dims(x, (-2, -3))
+    ids = mx.array([[[(i * 37) % sw.gate_proj.weight.shape[0] for i in range(k)]]], dtype=mx.uint32)
+    mx.eval(x, xe, ids)
+    kw = lambda mod: dict(transpose=True, group_size=mod.group_size, bits=mod.bits, mode=mod.mode)  # noqa: E731
+
+    def parts():
+        rest = plain()
+        return [mx.quantized_matmul(x, *qkv, **kw(p0)), rest[5], rest[6],
+                mx.gather_qmm(xe, *gu, rhs_indices=ids, **kw(s0)), rest[9],
+                mx.quantized_matmul(x, *sgu, **kw(se.gate_proj)), rest[12]]
 
     return parts
 
@@ -393,6 +439,24 @@ def profile_parts(layer, cache, x, S, steps):
     res["routed experts (SwitchGLU)"] = t(lambda: m.switch_mlp(h, inds))
     res["shared expert"] = t(lambda: m.shared_experts(h))
     res["whole MoE block"] = t(lambda: m(h))
+    # the index scoring inside the attention step, alone and in another matmul layout
+    keys = cache.index_keys
+    G = iq.shape[1]
+    res["index scores matmul [B,G,1,D]@[B,1,D,C]"] = t(lambda: iq.astype(keys.dtype) @ keys.swapaxes(-1, -2))
+    res["index scores matmul [G,D]@[D,C]"] = t(lambda: iq.astype(keys.dtype).reshape(G, -1) @ keys[0, 0].T)
+    res["index scores + block max"] = t(lambda: (iq.astype(keys.dtype) @ keys.swapaxes(-1, -2))
+                                        .reshape(1, G, -1, a.block_size).max(axis=-1))
+    try:
+        from minimax_m3_mlx import decode
+    except ImportError:  # the package before decode.py
+        decode = None
+    if decode is not None:
+        decode.step(layer, x, cache)  # trace
+        cache.offset = S
+        pre, post = layer.__dict__["_decode_fns"]
+        pos = decode.position(S)
+        res["compiled pre (norm, projections, QK norms, RoPE)"] = t(lambda: pre(x, pos))
+        res["compiled post (o_proj, norm, MoE, residuals)"] = t(lambda: post(x, o))
     res["whole layer"] = round(median_ms(layer_step("ours", layer, cache, x, S), steps), 4)
     return res
 
@@ -424,9 +488,12 @@ def run(a):
             moe = [l for l in all_layers if l.is_moe][0]
             floor = mx.compile(floor_parts(impl, moe, hidden))
             floor_ms = median_ms(lambda: mx.eval(floor()), a.steps)
+            fused = fused_floor_parts(impl, moe, hidden)
+            fused_ms = median_ms(lambda: mx.eval(mx.compile(fused)()), a.steps) if fused else None
             weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
             for S in contexts:
                 rec = {"impl": impl, "format": fmt, "context": S, "floor_ms": round(floor_ms, 4),
+                       "floor_fused_ms": round(fused_ms, 4) if fused_ms else None,
                        "weights_gb": round(weights_gb, 3)}
                 capacity = S + a.tokens + a.warm + 8
                 ms = {}
@@ -434,7 +501,7 @@ def run(a):
                     set_layer_count(impl, model, 3 + n, all_layers)
                     mx.reset_peak_memory()
                     caches = make_caches(impl, model, S, capacity) if impl == "ours" else _lm_caches(model, S, capacity)
-                    ms[n] = time_generate(model, caches, a.tokens, a.warm)
+                    ms[n], rec[f"generate_{3 + n}"] = time_generate(model, caches, a.tokens, a.warm, a.repeats, S)
                     if n == n_big:
                         rec["bound_ms"] = round(token_bytes(impl, model, S) / bw * 1e3, 4)
                         li = 3  # the first MoE layer
@@ -523,6 +590,7 @@ def main(argv=None):
     p.add_argument("--layers", default=None, help="two MoE layer counts (default 2,6; --tiny 1,2)")
     p.add_argument("--tokens", type=int, default=40, help="timed tokens per generate_step run")
     p.add_argument("--warm", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="generate_step runs per layer count (best median)")
     p.add_argument("--steps", type=int, default=20, help="repetitions of the layer step and floor")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (0: no prefill)")
     p.add_argument("--prefill-steps", type=int, default=2)
