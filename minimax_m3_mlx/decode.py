@@ -6,8 +6,8 @@ matmuls (BENCHMARKS.md, "Whole model"). Here the step is four pieces:
 
   pre     input norm, q/k/v (+ index q/k) projections, QK norms, RoPE   (compiled per layer)
   writes  the cache writes, in place                                      (outside any graph)
-  attend  block-sparse selection + attention, or dense attention over the
-          whole contiguous cache buffer under a position mask            (compiled, shared by all layers)
+  attend  block-sparse selection + attention                          (compiled, shared by all layers)
+          or, on full-attention layers, SDPA per KV head (dense_attention)
   post    o_proj, residual, post norm, MLP or MoE (router, experts,
           shared expert), residual                                        (compiled per layer)
 
@@ -16,7 +16,8 @@ place, and every token would copy the whole cache. `pre` and `post` depend on no
 that changes while generating, so each layer traces them once; `attend` depends on the
 cache capacity only (the position is an int32 array), and is shared by every layer with
 the same constants. The math is the op-by-op path's (tests/test_decode.py holds them
-equal); the step is used only where that path would take the same branch.
+equal); the step is used only where that path would take the same branch. What each
+piece bought, and what was tried and dropped, is in BENCHMARKS.md ("Whole model").
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def usable(layer, x: mx.array, cache) -> bool:
         return False
     n_blocks = msa.n_blocks_for(cache.offset + 1, attn.block_size)
     n_idx = attn.indexer.n_heads
-    return (n_blocks > attn.topk and attn.local_blocks >= 1 and attn.sparse_impl == "gather"
+    return (n_blocks > attn.topk and attn.local_blocks >= 1
             and n_idx == attn.n_kv_heads and msa.group_maps(attn.n_heads, attn.n_kv_heads, n_idx)[0] == n_idx)
 
 
@@ -84,8 +85,8 @@ def step(layer, x: mx.array, cache) -> mx.array:
         o = attend(q, idx_q, cache.keys, cache.values, cache.index_keys, pos)
     else:
         q, k, v = pre(x, pos)
-        cache.update_and_fetch(k, v)
-        o = _dense_step(attn.scale)(q, cache.keys, cache.values, pos)
+        keys, values = cache.update_and_fetch(k, v)
+        o = dense_attention(q, keys, values, attn.scale)
     return post(x, o)
 
 
@@ -108,22 +109,25 @@ def _post(layer, x, o):
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-_DENSE_STEPS = {}
+def dense_attention(q, keys, values, scale):
+    """One token over a KVCache's valid keys[..., :offset, :], one SDPA per KV head.
 
-
-def _dense_step(scale: float):
-    if scale not in _DENSE_STEPS:
-        _DENSE_STEPS[scale] = mx.compile(partial(_dense_decode, scale=scale))
-    return _DENSE_STEPS[scale]
-
-
-def _dense_decode(q, keys, values, pos, *, scale):
-    """One token over the whole cache buffer, slots after `pos` masked.
-
-    MLX's CUDA SDPA is slow on the strided keys[..., :offset, :] view a KVCache hands
-    out (it copies it first: 10.4 ms at 1M); the buffer itself is contiguous, and the
-    masked slots add exactly zero weight.
+    The valid part of a KVCache buffer is a strided view (heads `capacity` rows apart), and
+    MLX's CUDA SDPA copies such a view before attending. One KV
+    head's rows are contiguous, so each head's query group attends over its own
+    slice without a copy: the same attention, split by KV head. (One SDPA over the whole
+    buffer under a position mask is exact too, but MLX's CUDA SDPA runs array masks
+    unfused.)
     """
-    mask = (mx.arange(keys.shape[2]) <= pos).reshape(1, 1, 1, -1)
-    o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
-    return o.transpose(0, 2, 1, 3)
+    B, Hq, _, D = q.shape
+    Hkv = keys.shape[1]
+    if B != 1 or Hkv == 1 or DENSE_DECODE != "heads":
+        return msa.dense_attention(q, keys, values, scale)
+    g = Hq // Hkv
+    outs = [mx.fast.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys[:, h:h + 1], values[:, h:h + 1],
+                                                 scale=scale) for h in range(Hkv)]
+    return mx.concatenate(outs, axis=1).transpose(0, 2, 1, 3)
+
+
+# "heads": dense_attention above; "slice": one SDPA over the strided view (for measuring).
+DENSE_DECODE = "heads"

@@ -23,13 +23,12 @@ import mlx.core as mx
 
 # Upper bounds on the transient tensors, in elements / bytes. A 2048-token chunk at
 # the real dims then scores 16384 keys per tile (512 MiB of float32 scores) and gathers
-# 128 queries' blocks at a time (512 MiB of bf16 K+V). Measured on an H200 (128K
-# context, 2048-token chunk): gather tiles of 128 / 512 / 1024 MiB took 37.7 / 26.5 /
-# 26.6 ms with 0.99 / 1.23 / 1.69 GB of transient memory.
+# 128 queries' blocks at a time (512 MiB of bf16 K+V); BENCHMARKS.md has the tile sizes
+# measured against each other.
 INDEX_TILE_ELEMENTS = 1 << 27
 GATHER_TILE_BYTES = 1 << 29
-GATHER_WORD_2 = mx.uint64  # how cache elements are moved by gathers (see _word)
-GATHER_WORD_4 = mx.uint64
+# The unsigned word a gather moves cache rows in, by element size in bytes (see _word).
+GATHER_WORDS = {2: mx.uint64, 4: mx.uint64}
 
 
 def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_size: int) -> mx.array:
@@ -93,10 +92,9 @@ def group_maps(n_heads: int, n_kv_heads: int, n_index_heads: int):
 
 def _word(dtype):
     """The unsigned type a gather moves elements as: MLX's gather is element-wise, so
-    moving bf16 cache rows as uint64 words moves 4 values per element (measured on an
-    H200, MLX 0.32.4 CUDA: rows of bf16 290 GB/s, as uint32 575 GB/s; a 2048-token
-    prefill chunk at 128K took 40.8 ms with uint32 words and 34.6 ms with uint64)."""
-    return {2: GATHER_WORD_2, 4: GATHER_WORD_4}.get(dtype.size)
+    moving bf16 cache rows as uint64 words moves 4 values per element, several times
+    faster than moving them one by one (BENCHMARKS.md)."""
+    return GATHER_WORDS.get(dtype.size)
 
 
 def gather_blocks(buf: mx.array, block_ids: mx.array, block_size: int) -> mx.array:
@@ -173,45 +171,14 @@ def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_s
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 
-def group_masked_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_size,
-                           index_head_of_group=None, kv_head_of_group=None):
-    """The same attention as sparse_attention, computed densely under the selection's mask.
-
-    Each selection group becomes one batch entry of SDPA with its one KV head, so its Gq
-    query heads share one [L, C] mask: G x L x C booleans instead of the reference's
-    Hq x L x S (16x fewer), and MLX's fused attention reads each key once per chunk
-    instead of once per selecting query. Masked slots get exactly zero weight, so this
-    is the selection's attention, not an approximation.
-    """
-    B, Hq, L, D = q.shape
-    C = keys_buf.shape[2]
-    G = idx.shape[1] if index_head_of_group is None else len(index_head_of_group)
-    Gq = Hq // G
-    nb = C // block_size
-    if index_head_of_group is not None and index_head_of_group != list(range(idx.shape[1])):
-        sel = mx.array(index_head_of_group)
-        idx, valid = idx[:, sel], valid[:, sel]
-    kept = mx.put_along_axis(mx.zeros((B, G, L, nb), mx.bool_), idx, valid, axis=-1)
-    kept = mx.broadcast_to(kept[..., None], (B, G, L, nb, block_size)).reshape(B, G, L, C)
-    causal = mx.arange(C)[None, :] <= mx.arange(offset, offset + L)[:, None]
-    mask = (kept & causal).reshape(B * G, 1, L, C)
-    if kv_head_of_group is not None and kv_head_of_group != list(range(keys_buf.shape[1])):
-        heads = mx.array(kv_head_of_group)
-        keys_buf, values_buf = keys_buf[:, heads], values_buf[:, heads]
-    kg = keys_buf.reshape(B * G, 1, C, D)
-    vg = values_buf.reshape(B * G, 1, C, values_buf.shape[-1])
-    o = mx.fast.scaled_dot_product_attention(q.reshape(B * G, Gq, L, D), kg, vg, scale=scale, mask=mask)
-    return o.reshape(B, Hq, L, -1).transpose(0, 2, 1, 3)
-
-
 def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, topk, local_blocks):
     """Selection and attention of one decode token of an MSA layer, as one graph.
 
     Every shape depends only on the cache capacity, never on the position (an int32
-    array), so the compiled graph is traced once per capacity, not per token: built op by
-    op, the step cost ~0.9 ms of Python and launch overhead on an H200 (MLX CUDA) at any
-    context. The cache writes stay outside (Attention._decode): inside a compiled graph
-    MLX does not update the buffers in place, and each token copied the whole cache.
+    array), so the compiled graph is traced once per capacity, not per token (built op by
+    op, the step was launch-bound: BENCHMARKS.md). The cache writes stay outside
+    (Attention._decode, decode.step): inside a compiled graph MLX does not update the
+    buffers in place, and each token would copy the whole cache.
 
     The own block is gathered whole and its future slots masked; the other topk-1 kept
     blocks are past blocks, whole. Scores run over the whole capacity with future slots

@@ -461,6 +461,24 @@ def profile_parts(layer, cache, x, S, steps):
     return res
 
 
+def dense_variants(layer, cache, S, steps):
+    """A full-attention layer's decode attention over its KVCache, three ways."""
+    a = layer.self_attn
+    Hkv, D = cache.keys.shape[1], cache.keys.shape[3]
+    q = mx.random.normal((1, a.n_heads, 1, D)).astype(cache.keys.dtype)
+    k, v = cache.keys[..., :S, :], cache.values[..., :S, :]
+    mask = (mx.arange(cache.keys.shape[2]) < S).reshape(1, 1, 1, -1)
+    mx.eval(q, mask)
+    sdpa = mx.fast.scaled_dot_product_attention
+    t = lambda fn: round(median_ms(lambda: mx.eval(fn()), steps), 4)  # noqa: E731
+    g = a.n_heads // Hkv
+    return {"dense attn: SDPA on keys[..., :S, :] view": t(lambda: sdpa(q, k, v, scale=a.scale)),
+            "dense attn: SDPA on whole buffer + mask": t(lambda: sdpa(q, cache.keys, cache.values, scale=a.scale,
+                                                                     mask=mask)),
+            "dense attn: one SDPA per KV head": t(lambda: [sdpa(q[:, h * g:(h + 1) * g], k[:, h:h + 1],
+                                                                v[:, h:h + 1], scale=a.scale) for h in range(Hkv)])}
+
+
 # -- main -------------------------------------------------------------------------------------------
 def run(a):
     impls = a.impls.split(",")
@@ -511,6 +529,7 @@ def run(a):
                         rec["layer_ms"] = round(median_ms(layer_step(impl, all_layers[li], caches[li], x, S), a.steps), 4)
                         if a.profile and impl == "ours":
                             rec["profile"] = profile_parts(all_layers[li], caches[li], x, S, a.steps)
+                            rec["profile"].update(dense_variants(all_layers[0], caches[0], S, a.steps))
                         cap = a.mlx_lm_prefill_max if impl == "mlx_lm" else 1 << 40
                         if a.chunk and S >= a.chunk and S <= cap:
                             try:
@@ -552,7 +571,8 @@ def kernel_record(impl, fmt, model, all_layers, hidden, tiny):
     li = 3
     layer = all_layers[li]
     fn = (lambda: layer(x, None, caches[li])) if impl == "mlx_lm" else (lambda: layer(x, caches[li]))
-    fn()  # trace compiled parts first, so the count is the steady state
+    mx.eval(fn())  # trace compiled parts first, so the count is the steady state
+    mx.eval([_arrays(c) for c in caches])
     set_offset(caches, S)
     n, counts = kernel_count(fn)
     return {"impl": impl, "format": fmt, "kernels_per_moe_layer": n, "primitives": counts}
@@ -596,8 +616,14 @@ def main(argv=None):
     p.add_argument("--prefill-steps", type=int, default=2)
     p.add_argument("--mlx-lm-prefill-max", type=int, default=32768,
                    help="skip mlx-lm's prefill above this context (its dense block mask grows with S)")
+    p.add_argument("--dense-decode", default=None, choices=["heads", "slice"],
+                   help="override decode.DENSE_DECODE (full-attention layers' decode attention)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.dense_decode:
+        from minimax_m3_mlx import decode
+
+        decode.DENSE_DECODE = a.dense_decode
     if a.tiny:
         a.contexts = a.contexts or "64,256"
         a.layers = a.layers or "1,2"
