@@ -54,13 +54,24 @@ def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_siz
         for b0 in range(lo, hi, tile_blocks):
             b1 = min(hi, b0 + tile_blocks)
             k0, k1 = b0 * block_size, b1 * block_size
-            s = q @ index_keys[:, :, k0:k1, :].swapaxes(-1, -2)  # [B, H, L, T]
+            s = _scores(q, index_keys[:, :, k0:k1, :])  # [B, H, L, T]
             if masked:
                 s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
             pooled.append(s.reshape(B, H, L, b1 - b0, block_size).max(axis=-1).astype(mx.float32))
             if L > 1 and n_blocks > tile_blocks:
                 mx.eval(pooled[-1])  # bound the live score tiles to one (see sparse_attention)
     return pooled[0] if len(pooled) == 1 else mx.concatenate(pooled, axis=-1)
+
+
+def _scores(q: mx.array, keys: mx.array) -> mx.array:
+    """[B, H, L, D] queries x [B, 1, T, D] shared keys -> [B, H, L, T], as one matmul.
+
+    The index heads ride on the row axis ([H*L, D] @ [D, T]) rather than broadcasting the
+    keys over a batch axis of H: the same products, without MLX treating the one shared
+    key matrix as H batched ones.
+    """
+    B, H, L, D = q.shape
+    return (q.reshape(B, 1, H * L, D) @ keys.swapaxes(-1, -2)).reshape(B, H, L, keys.shape[2])
 
 
 def select_blocks(block_scores: mx.array, offset: int, block_size: int, topk: int, local_blocks: int):
@@ -188,7 +199,7 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     Hkv, C = keys.shape[1], keys.shape[2]
     bs = block_size
     nb = C // bs
-    s = idx_q.astype(index_keys.dtype) @ index_keys.swapaxes(-1, -2)  # [B, G, 1, C]
+    s = _scores(idx_q.astype(index_keys.dtype), index_keys)  # [B, G, 1, C]
     s = mx.where(mx.arange(C) <= pos, s, -mx.inf)
     s = s.reshape(B, Hkv, nb, bs).max(axis=-1).astype(mx.float32)  # [B, G, nb]
     blocks = mx.arange(nb)
