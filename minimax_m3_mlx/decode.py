@@ -7,7 +7,7 @@ matmuls (BENCHMARKS.md, "Whole model"). Here the step is four pieces:
   pre     input norm, q/k/v (+ index q/k) projections, QK norms, RoPE   (compiled per layer)
   writes  the cache writes, in place                                      (outside any graph)
   attend  block-sparse selection + attention                          (compiled, shared by all layers)
-          or, on full-attention layers, SDPA per KV head (dense_attention)
+          or, on full-attention layers, SDPA over the cache's valid keys     (one kernel, uncompiled)
   post    o_proj, residual, post norm, MLP or MoE (router, experts,
           shared expert), residual                                        (compiled per layer)
 
@@ -86,7 +86,7 @@ def step(layer, x: mx.array, cache) -> mx.array:
     else:
         q, k, v = pre(x, pos)
         keys, values = cache.update_and_fetch(k, v)
-        o = dense_attention(q, keys, values, attn.scale)
+        o = msa.dense_attention(q, keys, values, attn.scale)
     return post(x, o)
 
 
@@ -107,27 +107,3 @@ def _pre(layer, x, pos):
 def _post(layer, x, o):
     h = x + layer.self_attn.o_proj(o.reshape(x.shape[0], 1, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def dense_attention(q, keys, values, scale):
-    """One token over a KVCache's valid keys[..., :offset, :], one SDPA per KV head.
-
-    The valid part of a KVCache buffer is a strided view (heads `capacity` rows apart), and
-    MLX's CUDA SDPA copies such a view before attending. One KV
-    head's rows are contiguous, so each head's query group attends over its own
-    slice without a copy: the same attention, split by KV head. (One SDPA over the whole
-    buffer under a position mask is exact too, but MLX's CUDA SDPA runs array masks
-    unfused.)
-    """
-    B, Hq, _, D = q.shape
-    Hkv = keys.shape[1]
-    if B != 1 or Hkv == 1 or DENSE_DECODE != "heads":
-        return msa.dense_attention(q, keys, values, scale)
-    g = Hq // Hkv
-    outs = [mx.fast.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys[:, h:h + 1], values[:, h:h + 1],
-                                                 scale=scale) for h in range(Hkv)]
-    return mx.concatenate(outs, axis=1).transpose(0, 2, 1, 3)
-
-
-# "heads": dense_attention above; "slice": one SDPA over the strided view (for measuring).
-DENSE_DECODE = "heads"

@@ -616,14 +616,9 @@ def main(argv=None):
     p.add_argument("--prefill-steps", type=int, default=2)
     p.add_argument("--mlx-lm-prefill-max", type=int, default=32768,
                    help="skip mlx-lm's prefill above this context (its dense block mask grows with S)")
-    p.add_argument("--dense-decode", default=None, choices=["heads", "slice"],
-                   help="override decode.DENSE_DECODE (full-attention layers' decode attention)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    if a.dense_decode:
-        from minimax_m3_mlx import decode
 
-        decode.DENSE_DECODE = a.dense_decode
     if a.tiny:
         a.contexts = a.contexts or "64,256"
         a.layers = a.layers or "1,2"
