@@ -1,9 +1,10 @@
 """MiniMax-M3 on Apple Silicon with MLX."""
 
-from .cache import SparseKVCache
-from .checkpoint import CheckpointError, get_model_classes, load, load_model
 from .config import ConfigError, ModelArgs
+from .io import CheckpointError
+from .loading import get_model_classes, load, load_model
 from .model import Model
+from .model.cache import SparseKVCache
 
 __all__ = [
     "Model", "ModelArgs", "SparseKVCache", "load", "load_model", "get_model_classes",

@@ -74,6 +74,10 @@ class ModelArgs:
     quantization: Optional[Dict[str, Any]] = None  # MLX's own (converted models)
     quantization_config: Optional[Dict[str, Any]] = None  # the source's (fp8, mxfp8)
     vision_config: Optional[Dict[str, Any]] = None
+    # Set by the loader, not read from config.json: False when the checkpoint holds no vision
+    # weights (a text-only source with a vision_config), so Model builds no tower. None: the
+    # config decides (a converted folder keeps vision_config only with the tower).
+    with_vision: Optional[bool] = None
     projector_hidden_size: Optional[int] = None  # top level; None: the reference's default (6144)
     image_token_index: int = 200025
     video_token_index: int = 200026
@@ -112,7 +116,7 @@ class ModelArgs:
     @classmethod
     def _resolve(cls, c: Dict[str, Any]) -> "ModelArgs":
         known = cls.__dataclass_fields__
-        kw = {k: v for k, v in c.items() if k in known}
+        kw = {k: v for k, v in c.items() if k in known and k != "with_vision"}
 
         # Sparse attention: nested original spelling, or flat transformers spelling.
         sparse_cfg = c.get("sparse_attention_config") or {}
@@ -143,27 +147,7 @@ class ModelArgs:
         heads = int(c.get("num_attention_heads", cls.num_attention_heads))
         kw["head_dim"] = int(c.get("head_dim") or int(c.get("hidden_size", cls.hidden_size)) // heads)
 
-        # RoPE: theta and the rotated width come from `rope_parameters` (transformers 5.x),
-        # `rope_theta`/`rotary_dim`/`partial_rotary_factor` (published). transformers reads
-        # only `partial_rotary_factor`, so two keys that disagree would give two models.
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", c.get("rope_theta", cls.rope_theta))
-        if "rope_theta" in rope and "rope_theta" in c and rope["rope_theta"] != c["rope_theta"]:
-            raise ConfigError(f"rope_parameters.rope_theta={rope['rope_theta']} contradicts rope_theta={c['rope_theta']}")
-        kw["rope_theta"] = float(theta)
-        factor = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
-        rotary_dim = c.get("rotary_dim")
-        if factor is not None:
-            from_factor = int(kw["head_dim"] * float(factor))
-            if rotary_dim is not None and int(rotary_dim) != from_factor:
-                raise ConfigError(
-                    f"rotary_dim={rotary_dim} contradicts partial_rotary_factor={factor} "
-                    f"(head_dim {kw['head_dim']} x {factor} = {from_factor})"
-                )
-            rotary_dim = from_factor
-        kw["rotary_dim"] = int(rotary_dim if rotary_dim is not None else kw["head_dim"])
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        kw["rope_scaling"] = None if rope_type == "default" else rope
+        kw.update(_rope(c, kw["head_dim"], cls.rope_theta))
 
         dtype = c.get("dtype") or c.get("torch_dtype")
         if dtype is not None:
@@ -215,9 +199,37 @@ class ModelArgs:
         return self.mlp_layer_types[layer] == "sparse"
 
     @property
-    def source_quant_method(self) -> Optional[str]:
-        qc = self.quantization_config or {}
-        return qc.get("quant_method")
+    def has_vision_tower(self) -> bool:
+        """Model builds the vision tower: the config describes one and the loader has not
+        said that the checkpoint lacks its weights (see `with_vision`)."""
+        return self.vision_config is not None and self.with_vision is not False
+
+
+
+def _rope(c: Dict[str, Any], head_dim: int, default_theta: float) -> Dict[str, Any]:
+    """rope_theta, rotary_dim and rope_scaling from any spelling, refusing contradictions."""
+    # RoPE: theta and the rotated width come from `rope_parameters` (transformers 5.x),
+    # `rope_theta`/`rotary_dim`/`partial_rotary_factor` (published). transformers reads
+    # only `partial_rotary_factor`, so two keys that disagree would give two models.
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", c.get("rope_theta", default_theta))
+    if "rope_theta" in rope and "rope_theta" in c and rope["rope_theta"] != c["rope_theta"]:
+        raise ConfigError(f"rope_parameters.rope_theta={rope['rope_theta']} contradicts rope_theta={c['rope_theta']}")
+    out = {"rope_theta": float(theta)}
+    factor = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    rotary_dim = c.get("rotary_dim")
+    if factor is not None:
+        from_factor = int(head_dim * float(factor))
+        if rotary_dim is not None and int(rotary_dim) != from_factor:
+            raise ConfigError(
+                f"rotary_dim={rotary_dim} contradicts partial_rotary_factor={factor} "
+                f"(head_dim {head_dim} x {factor} = {from_factor})"
+            )
+        rotary_dim = from_factor
+    out["rotary_dim"] = int(rotary_dim if rotary_dim is not None else head_dim)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    out["rope_scaling"] = None if rope_type == "default" else rope
+    return out
 
 
 def _per_layer(c, n, key, allowed, *, legacy_key, legacy, legacy_map, default):

@@ -41,7 +41,7 @@ BF16_POOL = (np.random.default_rng(1).normal(0, 0.02, 32 << 20).astype(np.float3
 
 
 def bench_config(n_layers: int, n_experts: int) -> dict:
-    from minimax_m3_mlx import recipes
+    from minimax_m3_mlx.convert import recipes
 
     config = recipes.load_config(recipes.REAL_CONFIG)
     t = config["text_config"]
@@ -125,7 +125,7 @@ def write_checkpoint(path: Path, config: dict, layout: str, shard_bytes: int = 2
 
     sparse: headers only, the data left as holes (files of the full size, zeros, no disk used).
     """
-    from minimax_m3_mlx.tokenizer import write_tiny_tokenizer
+    from minimax_m3_mlx.synthetic import write_tiny_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     tensors = original_tensors(config, layout)
@@ -171,7 +171,8 @@ def write_checkpoint(path: Path, config: dict, layout: str, shard_bytes: int = 2
 
 def child(src: str, out: str, flags: List[str]) -> None:
     """Run one conversion in this (fresh) process and print its figures as JSON."""
-    from minimax_m3_mlx.convert import build_parser, convert
+    from minimax_m3_mlx.convert import convert
+    from minimax_m3_mlx.convert.cli import build_parser
 
     opts = build_parser().parse_args(["--hf-path", src, "--mlx-path", out, "--no-progress", *flags])
     t0 = time.time()
@@ -189,14 +190,14 @@ def child(src: str, out: str, flags: List[str]) -> None:
 
 def plan_real(work: Path, recipe: str = "mac-256gb") -> None:
     """Plan the conversion of the full MXFP8 release (60 layers, 128 experts) from headers alone."""
-    from minimax_m3_mlx import convert, recipes
+    from minimax_m3_mlx.convert import plan as convert_plan, recipes
 
     config = recipes.load_config(recipes.REAL_CONFIG)
     src = work / "sparse-real-mxfp8"
     nbytes = write_checkpoint(src, config, "mxfp8", shard_bytes=5 << 30, sparse=True)
     config = json.loads((src / "config.json").read_text())
     t0 = time.time()
-    plan = convert.plan_conversion(src, config, recipes.RECIPES[recipe], "bfloat16", 5 << 30)
+    plan = convert_plan.plan_conversion(src, config, recipes.RECIPES[recipe], "bfloat16", 5 << 30)
     seconds = time.time() - t0
     # the synthetic release holds no vision tensors, so its conversion is text-only
     est = recipes.estimate_size(config, recipes.RECIPES[recipe], "bfloat16", vision=False)

@@ -44,10 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # with this script, in the same session.
 sys.path.insert(0, os.environ.get("BENCH_PACKAGE_ROOT", str(ROOT)))
 
-from minimax_m3_mlx import recipes  # noqa: E402
-from minimax_m3_mlx.cache import SparseKVCache  # noqa: E402
 from minimax_m3_mlx.config import ModelArgs  # noqa: E402
 from minimax_m3_mlx.model import Model  # noqa: E402
+
+try:
+    from minimax_m3_mlx.convert import recipes
+    from minimax_m3_mlx.model.cache import SparseKVCache
+except ImportError:  # the flat layout before the package was layered (BENCH_PACKAGE_ROOT)
+    from minimax_m3_mlx import recipes
+    from minimax_m3_mlx.cache import SparseKVCache
 from mlx_lm.models.cache import CacheList, KVCache  # noqa: E402
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear  # noqa: E402
 
@@ -396,7 +401,7 @@ def kernel_count(fn):
 # -- profile ----------------------------------------------------------------------------------------
 def profile_parts(layer, cache, x, S, steps):
     """Our MoE layer's decode step split into its parts, each built and evaluated alone."""
-    from minimax_m3_mlx import msa
+    msa = sys.modules[type(layer.self_attn).__module__].msa
 
     a, m = layer.self_attn, layer.mlp
     B = 1
@@ -446,10 +451,7 @@ def profile_parts(layer, cache, x, S, steps):
     res["index scores matmul [G,D]@[D,C]"] = t(lambda: iq.astype(keys.dtype).reshape(G, -1) @ keys[0, 0].T)
     res["index scores + block max"] = t(lambda: (iq.astype(keys.dtype) @ keys.swapaxes(-1, -2))
                                         .reshape(1, G, -1, a.block_size).max(axis=-1))
-    try:
-        from minimax_m3_mlx import decode
-    except ImportError:  # the package before decode.py
-        decode = None
+    decode = sys.modules.get(type(layer).__module__.rpartition(".")[0] + ".decode")  # None before decode.py
     if decode is not None:
         decode.step(layer, x, cache)  # trace
         cache.offset = S

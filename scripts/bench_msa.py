@@ -32,8 +32,8 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from minimax_m3_mlx.attention import Attention  # noqa: E402
-from minimax_m3_mlx.cache import SparseKVCache  # noqa: E402
+from minimax_m3_mlx.model.attention import Attention  # noqa: E402
+from minimax_m3_mlx.model.cache import SparseKVCache  # noqa: E402
 from minimax_m3_mlx.config import ModelArgs  # noqa: E402
 from mlx_lm.models.cache import CacheList, KVCache  # noqa: E402
 from masked_reference import masked_forward  # noqa: E402
@@ -206,7 +206,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     dtype = getattr(mx, a.dtype)
-    import minimax_m3_mlx.msa as msa
+    import minimax_m3_mlx.model.msa as msa
 
     if a.gather_word:
         msa.GATHER_WORDS[2] = getattr(mx, a.gather_word)

@@ -2,7 +2,7 @@
 import statistics, sys, time
 import mlx.core as mx
 sys.path.insert(0, ".")
-import minimax_m3_mlx.msa as msa
+import minimax_m3_mlx.model.msa as msa
 from scripts.bench_msa import make_cache, our_layer
 
 def timeit(fn, n=20):

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimax_m3_mlx import msa  # noqa: E402
+from minimax_m3_mlx.model import msa  # noqa: E402
 
 
 def group_masked_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_size,

@@ -3,7 +3,7 @@
     mlx.launch --backend ring -n 4 --python PY tests/dist_worker.py SPEC.json
 
 SPEC.json: {"out": folder, "prompt": [...], "decode": [...], "cases": [...]}. Each case
-loads a checkpoint with distributed.load_sharded (or checks that a layout is refused),
+loads a checkpoint with loading.sharded.load_sharded (or checks that a layout is refused),
 runs a prefill and the decode steps, and writes this rank's logits (npz) and figures
 (json) to `out`; tests/test_distributed.py compares them with the single-process model.
 """
@@ -27,7 +27,11 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from minimax_m3_mlx import distributed as dist  # noqa: E402
+from minimax_m3_mlx.io import reader  # noqa: E402
+from minimax_m3_mlx.loading import sharded  # noqa: E402
+from minimax_m3_mlx.model import collectives  # noqa: E402
+from minimax_m3_mlx.parallel import sizing  # noqa: E402
+from minimax_m3_mlx.weights import sharding  # noqa: E402
 
 
 def forward_logits(model, prompt, decode):
@@ -60,7 +64,7 @@ def run_case(case, spec, group, out: Path):
     if case.get("expect_error"):
         try:
             if case.get("shard_loaded"):
-                from minimax_m3_mlx.checkpoint import load_model
+                from minimax_m3_mlx import load_model
 
                 model, _ = load_model(case["path"])
                 before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
@@ -76,16 +80,16 @@ def run_case(case, spec, group, out: Path):
                         and type(model.layers[0].self_attn.o_proj).__name__ == "Linear"
                     )
             else:
-                dist.load_sharded(case["path"], group, case["mode"], case.get("tensor"))
+                sharded.load_sharded(case["path"], group, case["mode"], case.get("tensor"))
             res["error"] = None
-        except dist.ShardingError as e:
+        except sharding.ShardingError as e:
             res["error"] = str(e)
         return res
 
     gc.collect()
     mx.clear_cache()
     if case.get("api"):  # the whole model loaded, then Model.shard / Model.pipeline (mlx-lm's way)
-        from minimax_m3_mlx.checkpoint import load_model
+        from minimax_m3_mlx import load_model
 
         model, _ = load_model(case["path"])
         getattr(model, case["api"])(group)
@@ -95,7 +99,7 @@ def run_case(case, spec, group, out: Path):
         return res
     mem0 = mx.get_active_memory()
     t0 = time.perf_counter()
-    model, _ = dist.load_sharded(case["path"], group, case["mode"], case.get("tensor"))
+    model, _ = sharded.load_sharded(case["path"], group, case["mode"], case.get("tensor"))
     res["load_s"] = time.perf_counter() - t0
     gc.collect()
     mx.clear_cache()
@@ -124,7 +128,7 @@ def run_case(case, spec, group, out: Path):
 
 def line_sum_check(group):
     """Line.all_sum over all ranks equals mx.distributed.all_sum, bitwise equal on every rank."""
-    line = dist.Line(group, range(group.size()))
+    line = collectives.ChainGroup(group, range(group.size()))
     x = mx.random.normal((3, 5), key=mx.random.key(group.rank() + 1))
     a = line.all_sum(x)
     b = mx.distributed.all_sum(x, group=group)

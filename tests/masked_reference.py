@@ -7,8 +7,8 @@ Attention.__call__; only the attention over the selected blocks differs.
 
 from __future__ import annotations
 
-from minimax_m3_mlx import msa
-from minimax_m3_mlx.cache import SparseKVCache
+from minimax_m3_mlx.model import msa
+from minimax_m3_mlx.model.cache import SparseKVCache
 
 
 def masked_forward(attn, x, cache=None):

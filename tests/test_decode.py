@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from minimax_m3_mlx import decode, synthetic
+from minimax_m3_mlx import synthetic
 from minimax_m3_mlx.config import ModelArgs
-from minimax_m3_mlx.model import Model
+from minimax_m3_mlx.model import Model, decode
 
 PROMPT, TOTAL = 37, 64  # blocks of 4, top-3: selection drops blocks from the first decoded token on
 

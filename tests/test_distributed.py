@@ -2,7 +2,7 @@
 
 One launch per process count runs every case in tests/dist_worker.py (loading is the
 expensive part of a launch: ~4 s of imports per process); each test below checks one
-property of the results against the single-process model (checkpoint.load_model) run
+property of the results against the single-process model (minimax_m3_mlx.load_model) run
 here. Checkpoints are tiny but selection is active: a 66-token prompt over blocks of 4
 with top-3 blocks keeps 3 of 17 blocks per query and KV group.
 """
@@ -24,9 +24,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from minimax_m3_mlx import distributed as dist
-from minimax_m3_mlx import plan, synthetic
-from minimax_m3_mlx.checkpoint import load_model
+from minimax_m3_mlx.io import reader
+from minimax_m3_mlx.loading import sharded
+from minimax_m3_mlx.model import collectives
+from minimax_m3_mlx.parallel import sizing
+from minimax_m3_mlx.weights import sharding
+from minimax_m3_mlx import synthetic
+from minimax_m3_mlx.cli import plan
+from minimax_m3_mlx import load_model
 from minimax_m3_mlx.config import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +184,7 @@ def test_generate_loop_equal_single_process(runs, reference, n, case):
 # -- what each rank loads --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _full_table(path):
-    return dist.inspect_checkpoint(path).table
+    return sharded.inspect_checkpoint(path).table
 
 
 LOADED = lambda c: not c.get("expect_error") and not c.get("api")  # noqa: E731
@@ -199,10 +204,10 @@ def test_rank_reads_only_its_part(runs, ckpts, n, case):
         assert r["bytes_read"] == r["param_bytes"], r
         # What MLX holds after the load is the parameters (the reads were freed).
         assert r["param_bytes"] <= r["active_bytes"] <= r["param_bytes"] * 1.02 + 65536, r
-    layer_full = dist.layer_bytes(table, args.num_hidden_layers)
-    nonlayer = {k: i for k, i in table.items() if dist.layer_of(k) is None}
-    sharded = sum(i.nbytes for k, i in table.items() if dist.tensor_rule(k))
-    replicated = sum(i.nbytes for k, i in table.items() if not dist.tensor_rule(k))
+    layer_full = sharding.layer_bytes(table, args.num_hidden_layers)
+    nonlayer = {k: i for k, i in table.items() if sharding.layer_of(k) is None}
+    sharded = sum(i.nbytes for k, i in table.items() if sharding.tensor_rule(k))
+    replicated = sum(i.nbytes for k, i in table.items() if not sharding.tensor_rule(k))
     if P == 1:
         for r in res:
             assert r["param_bytes"] == replicated + sharded // T
@@ -215,16 +220,16 @@ def test_rank_reads_only_its_part(runs, ckpts, n, case):
             assert r["has_embed"] == (r["rank"] // T == P - 1)
         spans = sorted(tuple(s) for s in stages.values())
         assert [i for a, b in spans for i in range(a, b)] == list(range(args.num_hidden_layers))
-        embed_bytes = sum(i.nbytes for k, i in nonlayer.items() if dist.is_embedding(k))
+        embed_bytes = sum(i.nbytes for k, i in nonlayer.items() if sharding.is_embedding(k))
         loads = [sum(layer_full[a:b]) + (embed_bytes if a == 0 else 0) for a, b in spans]
         assert max(loads) == _brute_force_max_load(layer_full, P, embed_bytes)
-        heads = sum(i.nbytes for k, i in nonlayer.items() if not dist.is_embedding(k))
+        heads = sum(i.nbytes for k, i in nonlayer.items() if not sharding.is_embedding(k))
         for r in res:
             a, b = r["layers"]
-            layer_tensors = {k: i for k, i in table.items() if dist.layer_of(k) in range(a, b)}
-            lay_sh = sum(i.nbytes for k, i in layer_tensors.items() if dist.tensor_rule(k))
-            lay_rep = sum(i.nbytes for k, i in layer_tensors.items() if not dist.tensor_rule(k))
-            embed = sum(i.nbytes for k, i in nonlayer.items() if dist.is_embedding(k)) if r["has_embed"] else 0
+            layer_tensors = {k: i for k, i in table.items() if sharding.layer_of(k) in range(a, b)}
+            lay_sh = sum(i.nbytes for k, i in layer_tensors.items() if sharding.tensor_rule(k))
+            lay_rep = sum(i.nbytes for k, i in layer_tensors.items() if not sharding.tensor_rule(k))
+            embed = sum(i.nbytes for k, i in nonlayer.items() if sharding.is_embedding(k)) if r["has_embed"] else 0
             assert r["param_bytes"] == heads + embed + lay_rep + (lay_sh // T if T > 1 else lay_sh)
 
 
@@ -248,10 +253,10 @@ def test_plan_matches_measured(runs, ckpts, n, case):
     config = json.loads((path / "config.json").read_text())
     args = ModelArgs.from_dict(config)
     if RECIPE[case["ck"]] is None:  # the converted folder: its own quantization
-        from minimax_m3_mlx.recipes import model_layout, output_tensors, uniform_policy
+        from minimax_m3_mlx.convert.recipes import model_layout, output_tensors, uniform_policy
 
         shapes, quantisable = model_layout(config)
-        table = dist.table_from_shapes(output_tensors(shapes, quantisable, uniform_policy(4, 32, "affine"), "float32"))
+        table = sizing.table_from_shapes(output_tensors(shapes, quantisable, uniform_policy(4, 32, "affine"), "float32"))
     else:
         table = plan.recipe_table(config, RECIPE[case["ck"]], "float32")
     res = runs[n]["cases"][case["name"]]
@@ -291,7 +296,7 @@ def test_line_all_sum(runs):
 def test_tensor_rules_all_spellings():
     """Every checkpoint spelling of a tensor gets the same split (published, transformers
     5.x re-save, converted MLX names, FP8 scales)."""
-    col, row, fused = dist.Rule(dist.COL), dist.Rule(dist.ROW), dist.Rule(dist.COL, 2)
+    col, row, fused = sharding.Rule(sharding.COL), sharding.Rule(sharding.ROW), sharding.Rule(sharding.COL, 2)
     L = "language_model.model.layers.7."
     cases = {
         L + "self_attn.q_proj.weight": col, L + "self_attn.k_proj.scales": col, L + "self_attn.v_proj.biases": col,
@@ -316,10 +321,10 @@ def test_tensor_rules_all_spellings():
         L + "input_layernorm.weight": None,
     }
     for name, rule in cases.items():
-        assert dist.tensor_rule(name) == rule, name
+        assert sharding.tensor_rule(name) == rule, name
     # Fused [E, 2I, H] -> each rank gets its part of gate and of up, not all gate rows.
     x = np.arange(2 * 8).reshape(1, 16, 1)
-    part = dist.take_slice(x, fused, 2, 1, lambda p, a: np.concatenate(p, axis=a))
+    part = sharding.take_slice(x, fused, 2, 1, lambda p, a: np.concatenate(p, axis=a))
     assert part[0, :, 0].tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
 
 
@@ -330,27 +335,27 @@ def test_balanced_split_is_optimal():
         P = int(rng.integers(1, n + 1))
         per = rng.integers(1, 100, n).tolist()
         embed = int(rng.integers(0, 100))
-        split = dist.balanced_split(per, P, embed)
+        split = sharding.balanced_split(per, P, embed)
         assert sum(split) == n and all(s >= 1 for s in split) and len(split) == P
         loads = []
         for s in range(P):
-            a, b = dist.stage_layers(split, s)
+            a, b = sharding.stage_layers(split, s)
             loads.append(sum(per[a:b]) + (embed if a == 0 else 0))
         assert max(loads) == _brute_force_max_load(per, P, embed)
-    with pytest.raises(dist.ShardingError, match="at least one layer per stage"):
-        dist.balanced_split([1, 2, 3], 4)
+    with pytest.raises(sharding.ShardingError, match="at least one layer per stage"):
+        sharding.balanced_split([1, 2, 3], 4)
 
 
 def test_plan_real_model(capsys):
-    """The real model: KV and index figures as DESIGN.md derives them; 2x192 fits the
+    """The real model: KV and index figures worked out by hand (2 KiB K+V per token and layer); 2x192 fits the
     192 GB recipe with tensor parallel; 3 Macs cannot be tensor parallel."""
-    from minimax_m3_mlx.recipes import REAL_CONFIG
+    from minimax_m3_mlx.convert.recipes import REAL_CONFIG
 
     args = ModelArgs.from_file(REAL_CONFIG)
-    kv, idx = dist.cache_bytes(args, 131072, 1, dtype_bytes=2)
+    kv, idx = sizing.cache_bytes(args, 131072, 1, dtype_bytes=2)
     assert kv == 60 * 131072 * 2 * 4 * 128 * 2  # 2 KiB per token and layer
     assert idx == 57 * 131072 * 128 * 4  # float32 index keys on the 57 sparse layers
-    kv2, idx2 = dist.cache_bytes(args, 131072, 2, dtype_bytes=2)
+    kv2, idx2 = sizing.cache_bytes(args, 131072, 2, dtype_bytes=2)
     assert kv2 * 2 == kv and idx2 == idx  # K/V split by KV head; index keys replicated
     assert plan.main(["--hosts", "2x192", "--recipe", "mac-192gb", "--context", "131072"]) == 0
     out = capsys.readouterr().out
@@ -363,8 +368,8 @@ def test_plan_real_model(capsys):
     tensor = next(p for p in data["plans"] if p["name"] == "tensor")
     w = [r["weights"] for r in tensor["ranks"]]
     table = plan.recipe_table(json.loads(REAL_CONFIG.read_text()), "mac-192gb")
-    rep = sum(i.nbytes for k, i in table.items() if not dist.tensor_rule(k))
-    sh = sum(i.nbytes for k, i in table.items() if dist.tensor_rule(k))
+    rep = sum(i.nbytes for k, i in table.items() if not sharding.tensor_rule(k))
+    sh = sum(i.nbytes for k, i in table.items() if sharding.tensor_rule(k))
     assert w == [rep + sh // 2] * 2 and 60e9 < w[0] < 80e9
 
 
@@ -381,7 +386,7 @@ def test_activation_estimate_bounds_measured(ckpts):
         logits = model(mx.array([PROMPT * (L // len(PROMPT)) + PROMPT[: L % len(PROMPT)]]), cache=cache)
         mx.eval(logits, [c.state for c in cache])
         transient = mx.get_peak_memory() - base - sum(c.nbytes for c in cache)
-        est = dist.activation_bytes(args, L, 1, 1, 4, L)
+        est = sizing.activation_bytes(args, L, 1, 1, 4, L)
         assert 0 < transient <= est, (L, transient, est)
         del logits, cache
 
@@ -404,22 +409,22 @@ def test_refusals_before_loading(ckpts, monkeypatch):
     def no_reads(*a, **k):
         raise AssertionError("a tensor was read before the layout was checked")
 
-    monkeypatch.setattr(dist._Reader, "read", no_reads)
-    with pytest.raises(dist.ShardingError, match="8 stages needs at least one layer per stage; the model has 4"):
-        dist.load_sharded(ckpts / "f32", _Ranks(8), "pipeline")
-    with pytest.raises(dist.ShardingError,
+    monkeypatch.setattr(reader.TensorReader, "read", no_reads)
+    with pytest.raises(sharding.ShardingError, match="8 stages needs at least one layer per stage; the model has 4"):
+        sharded.load_sharded(ckpts / "f32", _Ranks(8), "pipeline")
+    with pytest.raises(sharding.ShardingError,
                        match=r"8 does not divide num_key_value_heads=4, index_n_heads=4.*1, 2 or 4 ranks"):
-        dist.load_sharded(ckpts / "f32", _Ranks(8), "tensor")
+        sharded.load_sharded(ckpts / "f32", _Ranks(8), "tensor")
     # heads divide, but a quantisation group would straddle two ranks (128 / 8 = 16 < 32)
     wide8 = synthetic.tiny_config(dict(WIDE, num_attention_heads=16, num_key_value_heads=8,
                                        sparse_attention_config={"sparse_num_index_heads": 8}))
     table = plan.recipe_table(wide8, "mxfp8", "float32")
-    with pytest.raises(dist.ShardingError, match="quantisation groups must not straddle ranks"):
-        dist.check_tensor_parallel(ModelArgs.from_dict(wide8), table, 8)
-    with pytest.raises(dist.ShardingError, match="6 ranks do not split into stages of 4"):
-        dist.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=4)
-    with pytest.raises(dist.ShardingError, match="3 does not divide num_attention_heads=8"):
-        dist.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=3)
+    with pytest.raises(sharding.ShardingError, match="quantisation groups must not straddle ranks"):
+        sharding.check_tensor_parallel(ModelArgs.from_dict(wide8), table, 8)
+    with pytest.raises(sharding.ShardingError, match="6 ranks do not split into stages of 4"):
+        sharded.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=4)
+    with pytest.raises(sharding.ShardingError, match="3 does not divide num_attention_heads=8"):
+        sharded.load_sharded(ckpts / "f32", _Ranks(6), "both", tensor=3)
 
 
 def test_generate_cli_under_mlx_launch(ckpts):
@@ -452,7 +457,7 @@ def test_sharded_load_sets_vision_aside(tmp_path):
     w = synthetic.random_weights(cfg, 3)
     _, vision = build_reference(cfg, w)
     synthetic.write_checkpoint(tmp_path, cfg, {**w, **vision}, "original")
-    model, _ = dist.load_sharded(tmp_path, mx.distributed.init(), mode="tensor")
+    model, _ = sharded.load_sharded(tmp_path, mx.distributed.init(), mode="tensor")
     whole, _ = load_model(tmp_path)
     toks = mx.array([[5, 9, 200, 17, 3, 44, 91, 12, 8, 100, 7, 66, 2, 1, 0, 250, 33, 19]])
     np.testing.assert_allclose(np.array(model(toks)), np.array(whole(toks)), rtol=1e-5, atol=1e-5)

@@ -12,17 +12,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from minimax_m3_mlx import synthetic  # noqa: E402
-from minimax_m3_mlx.tokenizer import (  # noqa: E402
+from minimax_m3_mlx.chat_format.markers import (  # noqa: E402
     NS_TOKEN,
-    SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
     TOOL_CALL_START,
-    ThinkingModeError,
-    resolve_thinking_mode,
 )
-from minimax_m3_mlx.tool_parser import parse_tool_call, split_tool_calls  # noqa: E402
+from minimax_m3_mlx.chat_format.tokenizer import ThinkingModeError, resolve_thinking_mode  # noqa: E402
+from minimax_m3_mlx.synthetic import SPECIAL_TOKENS  # noqa: E402
+from minimax_m3_mlx.chat_format.tool_parser import parse_tool_call, split_tool_calls  # noqa: E402
 
 SMALL_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
@@ -61,7 +60,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    from minimax_m3_mlx.generate import load
+    from minimax_m3_mlx import load
 
     return load(str(ckpt[0]))
 
@@ -165,19 +164,25 @@ def test_tool_parser_types_forms_and_failures():
     body = (f'\n{ns}<invoke name="get_weather">{ns}<days>4{ns}</days>{ns}<zip>0123{ns}</zip>'
             f'{ns}<note>null{ns}</note>{ns}<tags>{ns}</tags>{ns}<extra>{{"k": [1, 2]}}{ns}</extra>'
             f'{ns}<free>plain text{ns}</free>{ns}</invoke>\n')
+    # parameters the schema does not declare stay text (tests/test_tool_vectors.py has the rules)
     assert parse_tool_call(body, [WEATHER]) == {"name": "get_weather", "arguments": {
-        "days": 4, "zip": "0123", "note": None, "tags": [], "extra": {"k": [1, 2]}, "free": "plain text"}}
-    # without a schema: JSON when it parses, else the text
+        "days": 4, "zip": "0123", "note": None, "tags": [], "extra": '{"k": [1, 2]}', "free": "plain text"}}
+    # without any tools declared: JSON when it parses, else the text
     untyped = parse_tool_call(body)["arguments"]
     assert untyped["days"] == 4 and untyped["zip"] == "0123" and untyped["free"] == "plain text"
     # MiniMax-M2's spelling (no namespace token, <parameter name=...>)
     m2 = '<invoke name="f">\n<parameter name="a">1</parameter>\n<parameter name="b">x y</parameter>\n</invoke>'
     assert parse_tool_call(m2) == {"name": "f", "arguments": {"a": 1, "b": "x y"}}
-    # several calls come back as a list; an unclosed one is not a call
+    # several calls come back as a list
     two = f'{ns}<invoke name="f">{ns}</invoke>\n{ns}<invoke name="g">{ns}<a>1{ns}</a>{ns}</invoke>'
     assert parse_tool_call(two) == [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"a": 1}}]
+    # the block's end marker closes what is open; a block cut off by max_tokens holds no call
+    open_city = f'\n{ns}<invoke name="get_weather">{ns}<days>2{ns}</days>{ns}<city>Par'
+    assert parse_tool_call(open_city, [WEATHER]) == {"name": "get_weather", "arguments": {"days": 2, "city": "Par"}}
     with pytest.raises(ValueError, match="no complete MiniMax tool call"):
-        parse_tool_call(f'\n{ns}<invoke name="get_weather">{ns}<city>Par')
+        parse_tool_call(open_city, [WEATHER], complete=False)
+    with pytest.raises(ValueError, match="no complete MiniMax tool call"):
+        parse_tool_call(f'\n{ns}<invoke name="get_wea')
     with pytest.raises(ValueError):
         parse_tool_call("prose where a call should be")
 
@@ -192,7 +197,7 @@ def test_greedy_generation_matches_transformers(ckpt, loaded):
     import torch
     from reference import build_reference
 
-    from minimax_m3_mlx.generate import generate
+    from minimax_m3_mlx.serving.generate import generate
 
     _, config, ref_weights = ckpt
     model, tok = loaded
@@ -212,7 +217,7 @@ def test_greedy_generation_matches_transformers(ckpt, loaded):
 
 
 def test_enabled_thinking_puts_the_output_in_reasoning(loaded):
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     prompt = chat_prompt(tok, user("hi"), thinking="enabled")
@@ -232,7 +237,7 @@ def _detok(tok, tokens):
 
 def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     """Reasoning, answer and a tool call forced through the sampler come back apart."""
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     script = (THINK_START + "plan" + THINK_END + "Checking." + TOOL_CALL_START + "\n" + NS_TOKEN
@@ -244,6 +249,17 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     assert gen.tokens == ids and gen.finish_reason == "stop"
     assert gen.reasoning == "plan" and gen.text == "Checking."
     assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
+
+
+def test_only_a_leading_think_end_is_dropped(loaded):
+    """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+
+    model, tok = loaded
+    ids = tok.encode(THINK_END + "A" + THINK_END + "B ]", add_special_tokens=False) + [tok.eos_token_id]
+    gen = generate(model, tok, chat_prompt(tok, user("x"), thinking="adaptive"), max_tokens=len(ids) + 2,
+                   logits_processors=[_forcing(ids)])
+    assert gen.finish_reason == "stop" and gen.reasoning == "" and gen.text == "A" + THINK_END + "B ]"
 
 
 def _forcing(ids):
@@ -260,7 +276,7 @@ def _forcing(ids):
 
 
 def test_generate_cli_output_stats_and_prompt_cache_file(ckpt, loaded, tmp_path, capsys):
-    from minimax_m3_mlx import generate as gen_mod
+    from minimax_m3_mlx.serving import generate as gen_mod
 
     path = str(ckpt[0])
     model, tok = loaded
@@ -296,8 +312,8 @@ def test_generate_cli_output_stats_and_prompt_cache_file(ckpt, loaded, tmp_path,
 
 
 def test_chat_reuses_the_cache_and_matches_a_fresh_run(loaded):
-    from minimax_m3_mlx.chat import ChatSession
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.chat import ChatSession
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = loaded
     session = ChatSession(model, tok, thinking="disabled", system_prompt="Be brief.", max_tokens=10)
@@ -314,7 +330,7 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(loaded):
 
 
 def test_chat_cli_commands(ckpt, capsys):
-    from minimax_m3_mlx import chat
+    from minimax_m3_mlx.serving import chat
 
     lines = iter(["hi", "/think disabled", "/think sometimes", "hello", "/reset", "/exit"])
     assert chat.main(["--model", str(ckpt[0]), "-m", "4", "--stats"], input_fn=lambda _: next(lines)) == 0
@@ -325,7 +341,7 @@ def test_chat_cli_commands(ckpt, capsys):
 
 def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
     """A cache file written for one model is refused for another."""
-    from minimax_m3_mlx.generate import PromptCache
+    from minimax_m3_mlx.serving.generate import PromptCache
 
     model, _ = loaded
     f = tmp_path / "c.safetensors"
@@ -344,7 +360,7 @@ def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
 def test_printer_dims_reasoning_on_a_terminal():
     import io
 
-    from minimax_m3_mlx.generate import DIM, RESET, Generation, Printer
+    from minimax_m3_mlx.serving.generate import DIM, RESET, Generation, Printer
 
     out = io.StringIO()
     p = Printer(out, color=True)

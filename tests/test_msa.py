@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from masked_reference import masked_forward
 
-from minimax_m3_mlx import msa
-from minimax_m3_mlx.attention import Attention
-from minimax_m3_mlx.cache import SparseKVCache
+from minimax_m3_mlx.model import msa
+from minimax_m3_mlx.model.attention import Attention
+from minimax_m3_mlx.model.cache import SparseKVCache
 from minimax_m3_mlx.config import ModelArgs
 
 DIMS = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16, rotary_dim=8,

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from minimax_m3_mlx import synthetic  # noqa: E402
-from minimax_m3_mlx.tokenizer import NS_TOKEN, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START  # noqa: E402
+from minimax_m3_mlx.chat_format.markers import NS_TOKEN, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START  # noqa: E402
 
 MAX_TOKENS = 12
 TOOLS = [{"type": "function", "function": {
@@ -45,14 +45,14 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(ckpt):
     """The same checkpoint loaded here, to compute what the server should answer."""
-    from minimax_m3_mlx.generate import load
+    from minimax_m3_mlx import load
 
     return load(str(ckpt))
 
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    from minimax_m3_mlx.server import Server, setup_arg_parser
+    from minimax_m3_mlx.serving.server import Server, setup_arg_parser
 
     srv = Server(setup_arg_parser().parse_args(
         ["--model", str(ckpt), "--host", "127.0.0.1", "--port", "0", "--max-tokens", str(MAX_TOKENS)])).start()
@@ -96,7 +96,7 @@ def force(monkeypatch):
 
 
 def expected(direct, messages, thinking, max_tokens=MAX_TOKENS, tools=None):
-    from minimax_m3_mlx.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
 
     model, tok = direct
     prompt = chat_prompt(tok, messages, thinking=thinking, tools=tools)

@@ -19,9 +19,8 @@ import torch
 from reference import build_reference, rel_err
 
 from minimax_m3_mlx import CheckpointError, load_model, synthetic
-from minimax_m3_mlx.vision import (
-    FeatureCache, PlaceholderMismatch, encode_grids, sanitize_vision, vision_hidden_states,
-)
+from minimax_m3_mlx.model.vision import FeatureCache, PlaceholderMismatch, encode_grids
+from minimax_m3_mlx.weights.vision_names import sanitize_vision
 
 TOL = 1e-4
 IMG, VID = 300, 301  # image_token_index / video_token_index of synthetic.tiny_config
@@ -114,6 +113,16 @@ def ours_logits(model, ids, img, img_grid, vid, vid_grid, **kw):
 
 
 # -- the tower and projector ------------------------------------------------------------------------
+def vision_hidden_states(model, pix: np.ndarray, grid: np.ndarray) -> mx.array:
+    """The tower's last hidden states for all grid entries, concatenated (no projector)."""
+    out, start = [], 0
+    for g in grid.reshape(-1, 3).tolist():
+        n = g[0] * g[1] * g[2]
+        out.append(model.vision_tower(mx.array(pix[start:start + n]), g))
+        start += n
+    return mx.concatenate(out, axis=0)
+
+
 def test_vision_features_match_reference(case, loaded):
     img, img_grid, vid, vid_grid = media()
     ref = case.reference.model
@@ -143,7 +152,7 @@ def test_segments_do_not_attend_to_each_other(loaded):
 
 def test_query_blocks_equal_one_call(loaded, monkeypatch):
     """Long entries attend in query blocks (bounded score memory): same features."""
-    from minimax_m3_mlx.vision import VisionAttention
+    from minimax_m3_mlx.model.vision import VisionAttention
 
     _, _, vid, vid_grid = media()
     whole = np.array(encode_grids(loaded, vid, vid_grid))
@@ -366,7 +375,7 @@ def test_bad_vision_config(case, tmp_path):
 # -- preprocessing ------------------------------------------------------------------------------------------
 def test_prepare_checks_markers(loaded):
     """One marker per image / video, before any processing (no processor needed to refuse)."""
-    from minimax_m3_mlx.multimodal import prepare
+    from minimax_m3_mlx.serving.multimodal import prepare
 
     with pytest.raises(ValueError, match=r"1 image marker.*for 2 image"):
         prepare(loaded, None, "look ]<]image[>[ here", images=["a.png", "b.png"])
@@ -377,7 +386,7 @@ def test_prepare_checks_markers(loaded):
 def test_prepare_with_transformers_processors(case, loaded, tmp_path):
     """Files -> transformers' MiniMax-M3 processors -> our embeddings -> the reference's logits
     on the same processor outputs. Needs torchvision (skipped where it cannot be imported)."""
-    from minimax_m3_mlx import multimodal
+    from minimax_m3_mlx.serving import multimodal
 
     try:
         multimodal._processor_classes()
@@ -431,7 +440,7 @@ def test_generate_cli_with_images_and_video(case, tmp_path, monkeypatch, capsys)
     per medium, and the reply is the reference's greedy continuation of that prompt. Only the
     processor step is replaced (torchvision cannot be imported here): it expands each marker
     to the grids' placeholder tokens and feeds the same pixels the reference sees."""
-    from minimax_m3_mlx import generate, multimodal
+    from minimax_m3_mlx.serving import generate, multimodal
 
     case.write(tmp_path, "original")
     img, img_grid, vid, vid_grid = media()

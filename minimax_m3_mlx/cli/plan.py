@@ -1,0 +1,283 @@
+"""`minimax-m3 plan`: memory per Mac for a cluster, a recipe and a context length.
+
+    minimax-m3 plan --hosts 2x192 --recipe mac-256gb --context 131072
+    minimax-m3 plan --hosts 192,128 --model ./MiniMax-M3-4bit --context 32768
+
+For each layout the hosts allow (tensor parallel, pipeline parallel, both), every rank's
+weights, KV cache (K and V of its KV heads), index-key cache, and an estimate of the
+transient memory of one prefill chunk; whether that fits each host; and the layout to
+use. The weight and cache figures are computed by the code that sizes the real load
+(parallel.sizing.rank_usage / cache_bytes on the tensor table that convert.recipes.output_tensors
+writes, or that a checkpoint's headers give): they are the bytes the per-rank loader (loading/sharded.py) loads
+and the caches allocate, not an approximation of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config import ModelArgs
+from ..io.dtypes import DTYPES, FLOAT_TAGS
+from ..convert.recipes import (
+    REAL_CONFIG, RECIPES, Policy, QuantSpec, config_dtype, model_layout, output_tensors, uniform_policy,
+)
+from ..loading.sharded import inspect_checkpoint
+from ..parallel.sizing import activation_bytes, cache_bytes, rank_usage, table_from_shapes
+from ..weights.sharding import ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split
+
+GB = 1e9
+# Recipes beyond recipes.RECIPES: the published checkpoints as they load, and uniform affine.
+EXTRA_RECIPES = {
+    "bf16": "the BF16 release (nothing quantised)",
+    "mxfp8": "the official MXFP8 release: attention, experts, shared expert and dense MLPs in mxfp8; "
+             "index projections, router, embeddings, lm_head in BF16",
+}
+UNIFORM = re.compile(r"^q([2-8])$")  # q4: 4-bit affine g64 everywhere (router excepted)
+
+
+def recipe_names() -> List[str]:
+    return list(RECIPES) + list(EXTRA_RECIPES) + ["q2", "q3", "q4", "q5", "q6", "q8"]
+
+
+def recipe_policy(name: str):
+    """A recipes.Policy for `name` (None: unquantised)."""
+    if name in RECIPES:
+        return RECIPES[name]
+    if name == "bf16":
+        return None
+    if name == "mxfp8":
+        spec = QuantSpec.make(8, 32, "mxfp8")
+        return Policy("mxfp8", EXTRA_RECIPES["mxfp8"],
+                      {c: spec for c in ("attention", "experts", "shared", "dense")})
+    m = UNIFORM.match(name)
+    if m:
+        return uniform_policy(int(m.group(1)), 64, "affine")
+    raise SystemExit(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
+
+
+def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, TensorInfo]:
+    """The tensors of the model `config` describes, converted with `recipe`."""
+    shapes, quantisable = model_layout(config)
+    return table_from_shapes(output_tensors(shapes, quantisable, recipe_policy(recipe),
+                                                 dtype or config_dtype(config)))
+
+
+# -- per-rank figures ------------------------------------------------------------------------------
+@dataclass
+class RankPlan:
+    rank: int
+    stage: int
+    tensor_rank: int
+    layers: Tuple[int, int]
+    weights: int
+    kv: int
+    index: int
+    activations: int
+    capacity: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.index + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+@dataclass
+class LayoutPlan:
+    name: str
+    tensor: int
+    pipeline: int
+    ranks: List[RankPlan]
+    error: Optional[str] = None
+    split: Optional[List[int]] = None
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and all(r.fits for r in self.ranks)
+
+    @property
+    def peak(self) -> int:
+        return max((r.total for r in self.ranks), default=0)
+
+
+def plan_for(args, table, tensor: int, pipeline: int, capacities: Sequence[int], context: int,
+                batch: int = 1, chunk: int = 2048, dtype_bytes: int = 2) -> LayoutPlan:
+    name = "tensor" if pipeline == 1 else "pipeline" if tensor == 1 else f"both ({tensor} x {pipeline})"
+    try:
+        check_tensor_parallel(args, table, tensor)
+        check_pipeline(args.num_hidden_layers, pipeline)
+    except ShardingError as e:
+        return LayoutPlan(name, tensor, pipeline, [], str(e))
+    split = default_split(args, table, pipeline)
+    ranks = []
+    for r in range(tensor * pipeline):
+        u = rank_usage(args, table, tensor, pipeline, r, split)
+        kv, idx = cache_bytes(args, context, tensor, u.layers, batch, dtype_bytes)
+        act = activation_bytes(args, min(chunk, max(context, 1)), tensor, batch, dtype_bytes, context)
+        ranks.append(RankPlan(r, u.stage, u.tensor_rank, u.layers, u.weight_bytes, kv, idx, act, capacities[r]))
+    return LayoutPlan(name, tensor, pipeline, ranks, split=split)
+
+
+def candidate_layouts(n: int) -> List[Tuple[int, int]]:
+    out = [(n, 1)] if n > 1 else [(1, 1)]
+    if n > 1:
+        out.append((1, n))
+    out += [(t, n // t) for t in range(2, n) if n % t == 0 and n // t >= 2]
+    return out
+
+
+def recommend(plans: List[LayoutPlan]) -> Tuple[Optional[LayoutPlan], str]:
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        return None, ("does not fit: use a smaller recipe, a shorter context, or more Macs "
+                       "(see the per-rank totals above)")
+    # Tensor parallel reads 1/N of every token's weights on each Mac at once (decode ~N x
+    # faster) but sums twice per layer per token: best on Thunderbolt 5 / JACCL. Pipeline
+    # reads them one Mac after another (no decode speed-up), with one hand-over per stage.
+    for kind in ("tensor", "both", "pipeline"):
+        for p in fitting:
+            if p.name.startswith(kind):
+                why = {
+                    "tensor": "every Mac reads 1/N of each token's weights at once (fastest decode; "
+                              "two all-sums per layer per token: prefer JACCL / Thunderbolt 5)",
+                    "both": "tensor parallel inside each stage where the heads allow it, stages for the rest",
+                    "pipeline": "layers split by bytes; one hand-over per stage per token (works on any "
+                                "link; no decode speed-up over one Mac)",
+                }[kind]
+                return p, why
+    return fitting[0], ""
+
+
+def parse_hosts(spec: str) -> List[float]:
+    """'2x192' -> [192, 192]; '192,128' -> [192, 128] (GB per host, in hostfile order)."""
+    out: List[float] = []
+    for part in spec.split(","):
+        part = part.strip().lower().replace("gb", "")
+        m = re.fullmatch(r"(\d+)x(\d+(?:\.\d+)?)", part)
+        if m:
+            out += [float(m.group(2))] * int(m.group(1))
+        elif re.fullmatch(r"\d+(?:\.\d+)?", part):
+            out.append(float(part))
+        else:
+            raise SystemExit(f"--hosts {spec!r}: expected NxGB (2x192) or a list of GB (192,128)")
+    if not out:
+        raise SystemExit("--hosts: no hosts")
+    return out
+
+
+def make_plans(args, table, hosts_gb: Sequence[float], context: int, batch: int, chunk: int,
+               reserve_gb: float, dtype_bytes: int, layouts=None) -> List[LayoutPlan]:
+    capacities = [int((h - reserve_gb) * GB) for h in hosts_gb]
+    return [plan_for(args, table, t, p, capacities, context, batch, chunk, dtype_bytes)
+            for t, p in (layouts or candidate_layouts(len(hosts_gb)))]
+
+
+def format_plans(plans: List[LayoutPlan], hosts_gb: Sequence[float], title: str) -> str:
+    lines = [title, ""]
+    for p in plans:
+        if p.error:
+            lines += [f"{p.name}: not possible: {p.error}", ""]
+            continue
+        split = f"  (layers per stage, rank 0's first: {p.split}; rank 0 runs the last layers)"
+        lines.append(f"{p.name}: {'fits' if p.fits else 'DOES NOT FIT'}" + (split if p.pipeline > 1 else ""))
+        lines.append(f"  {'rank':>4} {'host':>6} {'layers':>9} {'weights':>9} {'KV':>8} {'index':>8} "
+                     f"{'activ.':>8} {'total':>9} {'usable':>8}  fits")
+        for r in p.ranks:
+            lines.append(
+                f"  {r.rank:>4} {hosts_gb[r.rank]:>5.0f}G {r.layers[0]:>4}-{r.layers[1] - 1:<4} "
+                f"{r.weights / GB:>8.1f}G {r.kv / GB:>7.2f}G {r.index / GB:>7.2f}G {r.activations / GB:>7.2f}G "
+                f"{r.total / GB:>8.1f}G {r.capacity / GB:>7.1f}G  {'yes' if r.fits else 'NO'}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hosts", required=True, help="Macs and their memory: 2x192, 4x128 or 192,128 (GB)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help=f"conversion recipe: {', '.join(recipe_names())}")
+    src.add_argument("--model", help="a converted (or published) checkpoint folder: plan from its headers")
+    ap.add_argument("--config", help="config.json of the model (default: the real MiniMax-M3)")
+    ap.add_argument("--context", type=int, default=32768, help="tokens of context per sequence (default 32768)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="prefill step size (mlx-lm default 2048)")
+    ap.add_argument("--dtype", choices=list(FLOAT_TAGS), help="float dtype (default: config's)")
+    ap.add_argument("--reserve-gb", type=float, default=8.0,
+                    help="memory left to macOS and other programs on each Mac (default 8)")
+    ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
+    ap.add_argument("--json", action="store_true", help="print the plans as JSON")
+    return ap
+
+
+def _source(a) -> Tuple[dict, Dict[str, TensorInfo], str]:
+    """(config, tensor table, what it is) from --model's headers, or --config with --recipe."""
+    if a.model:
+        ck = inspect_checkpoint(a.model)
+        return ck.config, ck.table, f"checkpoint {a.model}"
+    config = json.loads(Path(a.config or REAL_CONFIG).read_text())
+    recipe = a.recipe or "mac-256gb"
+    return config, recipe_table(config, recipe, a.dtype), f"recipe {recipe}"
+
+
+def _layouts(kind: str, n: int) -> List[Tuple[int, int]]:
+    layouts = candidate_layouts(n)
+    if kind != "all":
+        layouts = [(t, p) for t, p in layouts
+                   if (kind == "tensor" and p == 1) or (kind == "pipeline" and t == 1 and p > 1)
+                   or (kind == "both" and t > 1 and p > 1)]
+        if not layouts:
+            raise SystemExit(f"--layout {kind}: not possible with {n} host(s)")
+    return layouts
+
+
+def _print_recommendation(best: Optional[LayoutPlan], why: str) -> int:
+    if best is None:
+        print(f"Recommended: nothing — {why}")
+        return 1
+    mode = "tensor" if best.pipeline == 1 else "pipeline" if best.tensor == 1 else "both"
+    print(f"Recommended: {best.name} — {why}.")
+    print(f"  load with minimax_m3_mlx.load(path, group=mx.distributed.init(), mode={mode!r}"
+          + (f", tensor={best.tensor}" if mode == "both" else "") + ") under mlx.launch; see docs/distributed.md.")
+    need_mb = int(max(r.total for r in best.ranks) / 2**20) + 1024
+    print(f"  macOS wires at most ~75% of RAM for the GPU by default; allow this much on each Mac with:\n"
+          f"    sudo sysctl iogpu.wired_limit_mb={need_mb}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    hosts = parse_hosts(a.hosts)
+    config, table, what = _source(a)
+    args = ModelArgs.from_dict(config)
+    dtype = a.dtype or config_dtype(config)
+    dtype_bytes = DTYPES[FLOAT_TAGS[dtype]].itemsize
+    plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes,
+                       _layouts(a.layout, len(hosts)))
+    best, why = recommend(plans)
+    total_weights = sum(i.nbytes for i in table.values())
+    if a.json:
+        print(json.dumps({
+            "source": what, "hosts_gb": hosts, "context": a.context, "weights_total": total_weights,
+            "plans": [dict(asdict(p), fits=p.fits,
+                           ranks=[dict(asdict(r), total=r.total, fits=r.fits) for r in p.ranks]) for p in plans],
+            "recommended": best.name if best else None, "why": why,
+        }, indent=1))
+        return 0 if best else 1
+    title = (f"MiniMax-M3, {what}: {total_weights / GB:.1f} GB of weights; {len(hosts)} Mac(s) "
+             f"({', '.join(f'{h:.0f}' for h in hosts)} GB, {a.reserve_gb:.0f} GB reserved each); "
+             f"context {a.context} x batch {a.batch}, prefill chunk {a.prefill_chunk}, {dtype}")
+    print(format_plans(plans, hosts, title))
+    return _print_recommendation(best, why)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

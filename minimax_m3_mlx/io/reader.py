@@ -1,0 +1,196 @@
+"""Reading checkpoint folders: the one safetensors header parser and tensor locator.
+
+`locate` finds every tensor of a folder (file, byte offset, dtype, shape) from the headers
+alone, checking the files against the index and the headers against the file sizes.
+`load_arrays` hands the whole folder to MLX's lazy loader; `TensorReader` reads single
+tensors, row ranges or slices of them, for streaming conversion and per-rank loading.
+
+The header is parsed here rather than through `safetensors.safe_open` because the byte
+offsets are what ranged reads need, and numpy (safe_open's non-torch framework) has no
+bfloat16 or float8 to read those tensors as.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .dtypes import DTYPES, nbytes
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the file or tensor."""
+
+
+def read_header(path: Path) -> Tuple[dict, int]:
+    """(header, byte offset of the data section) of a safetensors file, after checking that
+    the file holds all the data its header describes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: its header needs {8 + n + end} bytes, the file has {size}"
+        )
+    return header, 8 + n
+
+
+def index_map(folder: Path) -> Optional[Dict[str, str]]:
+    """The index's tensor -> file map, or None for a folder without an index."""
+    index = folder / INDEX
+    if not index.exists():
+        return None
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+
+
+def weight_files(folder: Path) -> List[Path]:
+    """The shards of a checkpoint folder, checked against its index when there is one."""
+    weight_map = index_map(folder)
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).exists()]
+        if missing:
+            raise CheckpointError(f"{folder / INDEX} names shard(s) that do not exist: {', '.join(missing)}")
+        return [folder / f for f in files]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {folder}")
+    return files
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes are: file, absolute offset, safetensors dtype and shape."""
+
+    name: str
+    file: Path
+    tag: str
+    shape: Tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+    def rows_nbytes(self, rows: Optional[Tuple[int, int]]) -> int:
+        return self.nbytes if rows is None or not self.shape else (rows[1] - rows[0]) * self.row_nbytes
+
+
+def locate(folder: Path) -> Dict[str, StoredTensor]:
+    """Every tensor of a checkpoint folder, from its headers (no tensor data is read).
+
+    Truncated or corrupt files, index entries pointing at missing files or at shards that
+    lack the tensor, a tensor in two shards, a dtype no MiniMax-M3 layout uses and a span
+    that does not fit its shape are errors naming the file.
+    """
+    weight_map = index_map(folder)
+    out: Dict[str, StoredTensor] = {}
+    for f in weight_files(folder):
+        header, data_start = read_header(f)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if name in out:
+                raise CheckpointError(f"{f}: tensor {name} is also in {out[name].file.name}")
+            out[name] = _stored(f, name, entry, data_start)
+        if weight_map is not None:
+            absent = sorted(k for k, v in weight_map.items() if v == f.name and k not in header)
+            if absent:
+                raise CheckpointError(f"{f}: the index places {absent[:5]} in this shard but it lacks them")
+    return out
+
+
+def _stored(f: Path, name: str, entry: dict, data_start: int) -> StoredTensor:
+    tag, shape = entry.get("dtype"), tuple(int(d) for d in entry.get("shape", ()))
+    if tag not in DTYPES:
+        raise CheckpointError(f"{f}: tensor {name} has dtype {tag}, which no MiniMax-M3 layout uses")
+    start, end = entry["data_offsets"]
+    expect = nbytes(shape, tag)
+    if end - start != expect:
+        raise CheckpointError(f"{f}: tensor {name} spans {end - start} bytes; {tag}{list(shape)} needs {expect}")
+    return StoredTensor(name, f, tag, shape, data_start + start, end - start)
+
+
+def load_arrays(folder: Path) -> Dict[str, mx.array]:
+    """Every tensor of a checkpoint folder (checked as `locate` checks), memory-mapped lazily by MLX."""
+    tensors = locate(folder)
+    arrays: Dict[str, mx.array] = {}
+    for f in sorted({t.file for t in tensors.values()}):
+        arrays.update(mx.load(str(f)))
+    return arrays
+
+
+def to_mx(t: StoredTensor, data: np.ndarray) -> mx.array:
+    """An MLX array of the bytes read for `t` (BF16 read as uint16 is viewed as bfloat16)."""
+    a = mx.array(data)
+    dtype = DTYPES[t.tag].mlx
+    return a if a.dtype == dtype else a.view(dtype)
+
+
+def placeholder(t: StoredTensor, rows: Optional[Tuple[int, int]] = None) -> mx.array:
+    """A lazy array of the tensor's (or its rows') shape and dtype, for dry runs; never evaluated."""
+    shape = t.shape if rows is None else (rows[1] - rows[0], *t.shape[1:])
+    return mx.zeros(shape, DTYPES[t.tag].mlx)
+
+
+class TensorReader:
+    """Reads tensors, row ranges or slices of them; counts the bytes it hands out."""
+
+    def __init__(self):
+        self._files = {}
+        self._maps: Dict[Path, np.memmap] = {}
+        self.bytes_read = 0
+
+    def read_rows(self, t: StoredTensor, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """Rows [a, b) of `t` (all without `rows`) read into a fresh buffer. No memory map: a
+        streaming conversion reads every byte once and must not keep the pages mapped."""
+        f = self._files.get(t.file)
+        if f is None:
+            f = self._files[t.file] = open(t.file, "rb")
+        n = t.rows_nbytes(rows)
+        buf = np.empty(n, np.uint8)  # not zero-filled: every byte is read into
+        f.seek(t.offset + (0 if rows is None else rows[0] * t.row_nbytes))
+        got = f.readinto(memoryview(buf)) if n else 0
+        if got != n:
+            raise CheckpointError(f"{t.file}: truncated while reading {t.name} ({got} of {n} bytes)")
+        self.bytes_read += n
+        shape = t.shape if rows is None else (rows[1] - rows[0], *t.shape[1:])
+        return buf.view(DTYPES[t.tag].numpy).reshape(shape)
+
+    def read(self, t: StoredTensor, select: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> mx.array:
+        """`t`, or the part `select` picks of it (e.g. one rank's slice, any axis), through a
+        read-only memory map of its file: only the selected bytes are copied."""
+        if t.file not in self._maps:
+            self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
+        raw = self._maps[t.file][t.offset:t.offset + t.nbytes].view(DTYPES[t.tag].numpy).reshape(t.shape)
+        part = np.ascontiguousarray(raw if select is None else select(raw))
+        self.bytes_read += part.nbytes
+        return to_mx(t, part)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._maps.clear()

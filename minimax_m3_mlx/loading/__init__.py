@@ -1,0 +1,46 @@
+"""Loading: one `load` for a whole model or this rank's part of it, with MiniMax-M3's tokenizer.
+
+`load_model` (checkpoint.py) builds a whole model from any released layout or a converted
+folder; `load_sharded` (sharded.py) loads one rank's part under `mlx.launch`; `load` picks
+between them by the group's size and adds the tokenizer with MiniMax-M3's chat conventions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from ..chat_format.tokenizer import configure_tokenizer
+from ..io import CheckpointError
+from .checkpoint import get_model_classes, load_model, resolve_path
+from .sharded import load_sharded
+
+__all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path"]
+
+
+def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] = None, *,
+         group=None, mode: str = "tensor", tensor: Optional[int] = None, thinking: Optional[str] = None):
+    """(model, tokenizer) from a checkpoint folder, like `mlx_lm.load`.
+
+    The first three parameters keep 0.1.0's positional order (`load(path, lazy,
+    tokenizer_config)`); the rest are keyword-only.
+
+    group: an mx.distributed Group of more than one rank (e.g. `mx.distributed.init()`
+    under `mlx.launch`) loads only this rank's part, split as `mode` says ("tensor",
+    "pipeline", "both" with `tensor` ranks per stage: see sharded.load_sharded); otherwise
+    the whole model. The tokenizer gets MiniMax-M3's markers, tool parser and `thinking`
+    as its default thinking mode (chat_format.tokenizer.configure_tokenizer).
+    """
+    if group is not None and group.size() > 1:
+        model, config = load_sharded(path, group, mode, tensor)
+    else:
+        model, config = load_model(path, lazy=lazy)
+    path = resolve_path(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else eos
+    tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos)
+    return model, configure_tokenizer(tokenizer, thinking=thinking)

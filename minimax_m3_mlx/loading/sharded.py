@@ -1,0 +1,187 @@
+"""Loading one rank's part of a checkpoint for tensor, pipeline or both kinds of parallelism.
+
+Every rank reads only what it keeps: the tensors of its layers, and of those only its
+slice (its heads, its part of every expert's intermediate dimension), from the safetensors
+files by offset (io.reader.TensorReader). Per-rank resident weight bytes are the replicated
+tensors plus 1/N of the sharded ones (tensor parallel) or the rank's layers (pipeline),
+exactly what parallel.sizing.rank_usage (and so `minimax-m3 plan`) predicts: the loader
+checks that. How the model splits: Model.shard / Model.pipeline; which tensor splits how:
+weights/sharding.py; modes and groups: docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..io import CheckpointError
+from ..io.reader import StoredTensor, TensorReader, locate, placeholder
+from ..model.collectives import make_groups
+from ..parallel.sizing import RankUsage, plan_layout, rank_usage
+from ..weights.quant import quant_block
+from ..weights.sanitize import DROPPED_PREFIXES, sanitize
+from ..weights.sharding import (
+    ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split, is_embedding, layer_of,
+    renumber_layer, split_name, table_from_arrays, take_slice, tensor_rule,
+)
+from ..weights.vision_names import VISION_PREFIXES
+from .checkpoint import check_weights, prepare_model, read_config, resolve_path
+
+
+def _source_block(config: dict, part: str, axis_is_last: bool) -> int:
+    """Element block along a split axis that a source scale tensor covers (1: none)."""
+    if part not in ("weight_scale_inv", "weight_scale"):
+        return 1
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config") or {}
+    rows, cols = quant_block(qc)
+    return cols if axis_is_last else rows
+
+
+def _check_source_slices(config, stored: Dict[str, StoredTensor], names, n: int) -> None:
+    """Every tensor this rank slices splits exactly (raise before reading anything)."""
+    for name in names:
+        rule = tensor_rule(name)
+        if rule is None or n == 1:
+            continue
+        t = stored[name]
+        a = rule.axis(len(t.shape))
+        if t.shape[a] % (n * rule.segments):
+            raise ShardingError(f"tensor parallel over {n} ranks: {name} has {t.shape[a]} along axis {a}, "
+                                f"which does not split into {n * rule.segments} equal parts")
+        path, part = split_name(name)
+        block = _source_block(config, part, a == len(t.shape) - 1)
+        if block > 1:
+            w = stored.get(f"{path}.weight")
+            full = w.shape[a] if w is not None else t.shape[a] * block
+            chunk = full // (n * rule.segments)
+            if full != t.shape[a] * block or chunk % block:
+                raise ShardingError(
+                    f"tensor parallel over {n} ranks: {name} scales blocks of {block} along axis {a} and rank "
+                    f"slices of {chunk} do not align with them; convert the checkpoint first "
+                    f"(minimax-m3 convert) or use fewer ranks"
+                )
+
+
+@dataclass
+class CheckpointInfo:
+    config: dict
+    args: Any
+    stored: Dict[str, StoredTensor]  # the files' tensors (source names)
+    table: Dict[str, TensorInfo]  # the model's tensors once loaded (final names)
+    model: Any  # built, with the quantised structure the checkpoint needs; no weights
+
+
+def inspect_checkpoint(path) -> CheckpointInfo:
+    """What loading `path` gives, from config.json and the safetensors headers only.
+
+    A dry run of the real load (checkpoint.prepare_model) on lazy placeholders: the final
+    names, shapes and dtypes (and, for MXFP8 sources, the quantised structure) exactly as
+    the real load makes them. Nothing is allocated: the placeholders are never evaluated.
+    Distributed inference is text-only for now: the vision tensors (which the published
+    checkpoints hold) are left out, so the model gets no tower.
+    """
+    path = resolve_path(path)
+    config, args = read_config(path)
+    stored = locate(path)
+    text = {k: placeholder(t) for k, t in stored.items() if not k.startswith(VISION_PREFIXES)}
+    model, dry = prepare_model(config, args, text)
+    return CheckpointInfo(config, model.args, stored, table_from_arrays(dry), model)
+
+
+@dataclass
+class LoadStats:
+    rank: int
+    tensor: int
+    pipeline: int
+    layers: Tuple[int, int]
+    bytes_read: int  # tensor bytes read from the checkpoint files
+    param_bytes: int  # bytes of the loaded model's parameters
+    expected: RankUsage  # what rank_usage predicted
+    full_table: Dict[str, TensorInfo] = field(repr=False, default_factory=dict)
+    seconds: float = 0.0
+
+
+def _wanted(stored: Dict[str, StoredTensor], usage: RankUsage) -> Dict[int, List[str]]:
+    """The source tensors this rank keeps, by layer (-1: outside the layers)."""
+    start, end = usage.layers
+    by_layer: Dict[int, List[str]] = {}
+    for name in stored:
+        if name.startswith(DROPPED_PREFIXES + VISION_PREFIXES):
+            continue  # sanitize drops or sets these aside: never read them
+        i = layer_of(name)
+        if (i is not None and not start <= i < end) or (i is None and is_embedding(name) and not usage.embed):
+            continue
+        by_layer.setdefault(-1 if i is None else i, []).append(name)
+    return by_layer
+
+
+def _read_weights(args, stored, by_layer: Dict[int, List[str]], tensor: int, t_rank: int, reader: TensorReader):
+    """This rank's slices of its tensors, in our names. Layer by layer (a layer's tensors are
+    self-contained for sanitize: experts stack within it), evaluated as we go: the peak is
+    what is kept plus one layer's slices."""
+    def select(name):
+        rule = tensor_rule(name) if tensor > 1 else None
+        return lambda a: take_slice(a, rule, tensor, t_rank, lambda parts, axis: np.concatenate(parts, axis=axis))
+
+    weights = {}
+    for i in sorted(by_layer):
+        raw = {k: reader.read(stored[k], select(k)) for k in by_layer[i]}
+        part, _ = sanitize(args, raw, vision=False)
+        del raw
+        mx.eval(list(part.values()))
+        weights.update(part)
+    return weights
+
+
+def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] = None,
+                 split: Optional[Sequence[int]] = None):
+    """Load this rank's part of a checkpoint folder (any layout checkpoint.load_model reads).
+
+    mode: "tensor" (tensor parallel over all ranks), "pipeline" (one stage per rank) or
+    "both" (`tensor` ranks per stage, default 2). Returns (model, config); the model's
+    `load_stats` says what was read. All checks (heads, divisibility, layers per stage)
+    run from the config and the safetensors headers before any tensor is read.
+    """
+    t0 = time.perf_counter()
+    group = group or mx.distributed.init()
+    n, rank = group.size(), group.rank()
+    T, P = plan_layout(n, mode, tensor)
+    ck = inspect_checkpoint(path)
+    config, args, stored, table, model = ck.config, ck.args, ck.stored, ck.table, ck.model
+    check_tensor_parallel(args, table, T)
+    check_pipeline(args.num_hidden_layers, P, split)
+    split = list(split) if split is not None else default_split(args, table, P)
+    usage = rank_usage(args, table, T, P, rank, split)
+    by_layer = _wanted(stored, usage)
+    _check_source_slices(config, stored, [k for names in by_layer.values() for k in names], T)
+    reader = TensorReader()
+    weights = _read_weights(args, stored, by_layer, T, rank % T, reader)
+    reader.close()
+
+    tensor_group, stages = make_groups(group, T)
+    if stages is not None:
+        model.pipeline(stages, split)
+    if tensor_group is not None:
+        model.shard(tensor_group)
+    start = usage.layers[0]
+    if stages is not None and start:
+        weights = {renumber_layer(k, -start): v for k, v in weights.items()}
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    mx.eval(model.parameters())
+    model.eval()
+    param_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if param_bytes != usage.weight_bytes:
+        raise CheckpointError(
+            f"rank {rank}: loaded {param_bytes} parameter bytes, the plan says {usage.weight_bytes}"
+        )
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # everyone is ready
+    model.load_stats = LoadStats(rank, T, P, usage.layers, reader.bytes_read, param_bytes, usage, table,
+                                 time.perf_counter() - t0)
+    return model, config

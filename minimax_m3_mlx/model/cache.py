@@ -1,0 +1,137 @@
+"""KV caches: mlx-lm's KVCache for full-attention layers, SparseKVCache for MSA layers.
+
+SparseKVCache keeps the main branch's keys/values and the index branch's keys in one
+object with one offset, so trimming, saving and loading can never let them drift apart
+(mlx-lm's port keeps them in a CacheList of two KVCaches). Its buffers are allocated in
+whole blocks so that the sparse main branch can address the keys as rows of whole blocks
+and gather the selected ones without first copying any part of the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx_lm.models.cache as _mlx_lm_cache
+from mlx_lm.models.cache import KVCache
+
+from ..sizes import cache_step, ceil_div
+
+
+class SparseKVCache(KVCache):
+    def __init__(self, block_size: int = 128, index_dtype: Optional[str] = None):
+        super().__init__()
+        self.block_size = block_size
+        # Allocation granularity: whole blocks, at least mlx-lm's 256 tokens.
+        self.step = cache_step(block_size)
+        self.index_keys = None
+        # A name ("float32"), not an mx.Dtype: mlx-lm's server deep-copies caches, and
+        # an mx.Dtype cannot be copied. None keeps the model's dtype.
+        self.index_dtype = index_dtype
+
+    # -- writes ----------------------------------------------------------------------
+    def _grow(self, arr, needed: int, like: mx.array):
+        """Return `arr` with room for `needed` slots (whole steps), keeping its first `self.offset`."""
+        if arr is not None and needed <= arr.shape[2]:
+            return arr
+        n = ceil_div(needed, self.step) * self.step
+        shape = (like.shape[0], like.shape[1], n, like.shape[3])
+        new = mx.zeros(shape, like.dtype)
+        if arr is not None and self.offset > 0:
+            new[..., : self.offset, :] = arr[..., : self.offset, :]
+        return new
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append main-branch keys/values; returns the valid part, like KVCache.
+
+        Call update_index first for the same tokens when the layer is sparse: the offset
+        advances here.
+        """
+        prev, needed = self.offset, self.offset + keys.shape[2]
+        self.keys = self._grow(self.keys, needed, keys)
+        self.values = self._grow(self.values, needed, values)
+        self.keys[..., prev:needed, :] = keys
+        self.values[..., prev:needed, :] = values
+        self.offset = needed
+        return self.keys[..., :needed, :], self.values[..., :needed, :]
+
+    def update_index(self, index_keys: mx.array) -> mx.array:
+        """Append index keys [B, 1, L, D] at the current offset; returns the whole buffer.
+
+        The buffer is returned unsliced (capacity >= offset + L, whole blocks): callers mask
+        slots past each query's position, which covers the unwritten tail.
+        """
+        if self.index_dtype is not None:
+            index_keys = index_keys.astype(getattr(mx, self.index_dtype))
+        prev, needed = self.offset, self.offset + index_keys.shape[2]
+        self.index_keys = self._grow(self.index_keys, needed, index_keys)
+        self.index_keys[..., prev:needed, :] = index_keys
+        return self.index_keys
+
+    # -- state (save/load/trim) --------------------------------------------------------
+    @property
+    def state(self):
+        index_dtype = self.index_dtype or ""
+        if self.keys is None:
+            return None, None, None, 0, self.block_size, index_dtype
+        n = self.offset
+        return (
+            self.keys[..., :n, :],
+            self.values[..., :n, :],
+            self.index_keys[..., :n, :] if self.index_keys is not None else None,
+            n,
+            self.block_size,
+            index_dtype,
+        )
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.index_keys, self.offset, self.block_size, index_dtype = v
+        self.offset, self.block_size = int(self.offset), int(self.block_size)
+        self.index_dtype = index_dtype or None
+        self.step = cache_step(self.block_size)
+        if self.keys is not None:
+            # Loaded arrays are exactly `offset` long; re-pad to whole blocks.
+            self.keys = self._pad(self.keys)
+            self.values = self._pad(self.values)
+            if self.index_keys is not None:
+                self.index_keys = self._pad(self.index_keys)
+
+    def _pad(self, arr: mx.array) -> mx.array:
+        n = ceil_div(max(arr.shape[2], 1), self.step) * self.step
+        if n == arr.shape[2]:
+            return arr
+        pad = mx.zeros((*arr.shape[:2], n - arr.shape[2], arr.shape[3]), arr.dtype)
+        return mx.concatenate([arr, pad], axis=2)
+
+    @classmethod
+    def from_state(cls, state):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+    @classmethod
+    def merge(cls, caches):
+        # mlx-lm's batch cache would keep K/V and drop the index keys.
+        raise ValueError("batched generation over several prompt caches is not supported for "
+                         "MiniMax-M3's sparse attention layers yet")
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        # mlx-lm's QuantizedKVCache would drop the index keys; refuse loudly instead of
+        # silently producing a model whose sparse layers select from nothing.
+        raise ValueError(
+            "KV-cache quantization (--kv-bits) is not supported for MiniMax-M3's sparse "
+            "attention layers yet; run without --kv-bits"
+        )
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        extra = self.index_keys.nbytes if self.index_keys is not None else 0
+        return self.keys.nbytes + self.values.nbytes + extra
+
+
+# mlx-lm's load_prompt_cache finds cache classes by name in its own module, so a cache
+# saved with save_prompt_cache can only be loaded back if the class is visible there.
+_mlx_lm_cache.SparseKVCache = SparseKVCache

@@ -1,0 +1,238 @@
+"""The MiniMax-M3 model under mlx-lm's model contract: Model, sanitize, shard, pipeline, make_cache."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+
+from ..config import ModelArgs
+from ..weights.sanitize import sanitize
+from ..weights.sharding import (
+    ShardingError, check_pipeline, check_tensor_parallel, default_split, stage_layers, table_from_arrays,
+)
+from . import decode, vision
+from .attention import Attention
+from .cache import SparseKVCache
+from .collectives import Stages, all_sum
+from .layers import DenseMLP, GemmaRMSNorm
+from .moe import SparseMoeBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.is_moe = args.is_moe(layer_idx)
+        self.mlp = SparseMoeBlock(args) if self.is_moe else DenseMLP(args, args.dense_intermediate_size)
+        self.input_layernorm = GemmaRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # Set by shard(): attention and MLP then return this rank's partial sums.
+        self.sharding_group = None
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if decode.usable(self, x, cache):
+            return decode.step(self, x, cache)
+        h = x + self._summed(self.self_attn(self.input_layernorm(x), cache))
+        return h + self._summed(self.mlp(self.post_attention_layernorm(h)))
+
+    def _summed(self, y: mx.array) -> mx.array:
+        return y if self.sharding_group is None else all_sum(y, self.sharding_group)
+
+    def shard(self, group) -> None:
+        """Keep this rank's heads and intermediate slices; one all-sum after attention, one after the MLP."""
+        self.self_attn.shard(group)
+        self.mlp.shard(group)
+        self.sharding_group = group
+
+
+class TextModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.hidden_size = args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = GemmaRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # Set by Model.pipeline: this rank's stage, where its layers start, the layers per stage.
+        self.pipeline_stage: Optional[Stages] = None
+        self.layer_offset = 0
+        self.pipeline_split: Optional[tuple] = None
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+        if cache is None:
+            cache = [None] * len(self.layers)
+        if self.pipeline_stage is not None:
+            return self._stage(inputs, cache, input_embeddings)
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.norm(h)
+
+    def _stage(self, inputs, cache, input_embeddings) -> mx.array:
+        """One pipeline stage: receive (or embed), run this rank's layers, hand on; every rank
+        returns the last stage's output (what mlx-lm's generate loop needs)."""
+        st = self.pipeline_stage
+        dtype = self.norm.weight.dtype
+        if st.first:
+            h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        else:
+            shape = tuple(input_embeddings.shape) if input_embeddings is not None else (*inputs.shape, self.hidden_size)
+            h = st.receive(shape, dtype)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        h = h.astype(dtype)
+        if not st.last:
+            h = st.send(h)
+            if cache and cache[-1] is not None:
+                # Evaluating the cache (as mlx-lm's prefill does) must also perform the send.
+                cache[-1].keys = mx.depends(cache[-1].keys, h)
+        return self.norm(st.gather_output(h))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = TextModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.language_model = LanguageModel(args)
+        # The tower exists when the config describes one and the loader has not said the
+        # checkpoint lacks its weights (ModelArgs.with_vision): text-only checkpoints load as before.
+        if args.has_vision_tower:
+            self.vision_tower, self.multi_modal_projector = vision.vision_modules(args)
+        self.tensor_group = None  # set by shard()
+        self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None,
+                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} entries for {len(self.layers)} layers; use model.make_cache()")
+        if cache is not None and cache[0] is not None:
+            n = cache[0].offset + inputs.shape[-1]
+            if n > self.args.max_position_embeddings:
+                raise ValueError(
+                    f"context of {n} tokens exceeds max_position_embeddings={self.args.max_position_embeddings}"
+                )
+        elif inputs.shape[-1] > self.args.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {inputs.shape[-1]} tokens exceeds max_position_embeddings="
+                f"{self.args.max_position_embeddings}"
+            )
+        return self.language_model(inputs, cache, input_embeddings)
+
+    @property
+    def layers(self):
+        return self.language_model.model.layers
+
+    # -- vision (see vision.py) ---------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return vision.has_vision(self)
+
+    def get_input_embeddings(self, input_ids, pixel_values=None, image_grid_thw=None,
+                             pixel_values_videos=None, video_grid_thw=None, feature_cache=None) -> mx.array:
+        """[B, L, hidden] embeddings of `input_ids` with the image / video placeholder tokens
+        replaced by the projected vision features (processor outputs: pixel_values [patches,
+        C*T*P*P] and grid_thw [entries, 3]); pass the result as `input_embeddings`. A
+        placeholder count that does not match the features raises vision.PlaceholderMismatch."""
+        return vision.get_input_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                           video_grid_thw, feature_cache)
+
+    # -- parallelism ----------------------------------------------------------------------------
+    def shard(self, group=None):
+        """Tensor parallelism over `group` (an mx.distributed Group, or a collectives.ChainGroup).
+
+        Rank r keeps KV heads [r*Hkv/N, (r+1)*Hkv/N), the query heads of those groups and
+        the index heads that serve them, so every group's block selection is computed on one
+        rank from the index scores the single-machine model computes; the single index key
+        per token is replicated. Routed experts, the shared expert and dense MLPs keep their
+        slice of the intermediate dimension. Embeddings, lm_head, norms and the router are
+        replicated. Checked (weights.sharding.check_tensor_parallel) before anything changes.
+        """
+        group = group or mx.distributed.init()
+        n = group.size()
+        if n == 1:
+            return self
+        if self.tensor_group is not None:
+            raise ShardingError("the model is already sharded")
+        check_tensor_parallel(self.args, table_from_arrays(dict(tree_flatten(self.parameters()))), n)
+        for layer in self.layers:
+            layer.shard(group)
+        self.tensor_group = group
+        return self
+
+    def pipeline(self, group, split: Optional[Sequence[int]] = None):
+        """Keep only this rank's pipeline stage of layers. `group`: an mx Group or collectives.Stages.
+
+        `split`: layers per stage (entry s for stage s; the last stage runs the first layers),
+        by default balanced by weight bytes. Afterwards `layers` holds only this rank's layers
+        (numbered from 0; `layer_offset` maps back) and only the first stage keeps the embedding.
+        """
+        stages = group if isinstance(group, Stages) else Stages(group, 1)
+        P = stages.size()
+        if P == 1:
+            return self
+        tm = self.language_model.model
+        if tm.pipeline_stage is not None:
+            raise ShardingError("the model is already split into pipeline stages")
+        n = len(tm.layers)
+        if split is None:
+            check_pipeline(n, P)
+            split = default_split(self.args, table_from_arrays(dict(tree_flatten(self.parameters()))), P)
+        check_pipeline(n, P, split)
+        start, end = stage_layers(split, stages.stage)
+        tm.layers = tm.layers[start:end]
+        tm.layer_offset = start
+        tm.pipeline_split = tuple(split)
+        if not stages.first and not self.args.tie_word_embeddings:
+            tm.embed_tokens = None
+        tm.pipeline_stage = stages
+        return self
+
+    # -- mlx-lm's contract --------------------------------------------------------------------
+    def make_cache(self) -> List[Any]:
+        """One cache per layer: SparseKVCache (K, V and index keys) on MSA layers."""
+        return [
+            SparseKVCache(self.args.index_block_size, layer.self_attn.index_dtype)
+            if layer.self_attn.is_sparse else KVCache()
+            for layer in self.layers
+        ]
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Map any released checkpoint layout onto this model's parameter names (weights/sanitize.py).
+
+        Names only: the model is not changed. Vision tensors are kept when the model has a
+        tower and left out otherwise. MX-packed layers (MXFP8, FP8 with ue8m0 scales) stay
+        packed where the caller makes them mxfp8 layers (mlx-lm's loader does for
+        `quant_method: mxfp8`; this package's loader always) and are dequantised otherwise.
+        """
+        keep_packed = (self.args.quantization_config or {}).get("quant_method") == "mxfp8"
+        out, _ = sanitize(self.args, weights, vision=self.has_vision, keep_packed=keep_packed)
+        return out
+
+    @property
+    def cast_predicate(self) -> Callable[[str], bool]:
+        # The router's bias decides expert choice by small margins: keep it float32.
+        return lambda k: "e_score_correction_bias" not in k
+
+    @property
+    def quant_predicate(self) -> Callable[[str, nn.Module], Any]:
+        # The router is a plain Module (never quantised); everything else follows the recipe.
+        return lambda path, module: hasattr(module, "to_quantized")

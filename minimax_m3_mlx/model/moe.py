@@ -1,0 +1,61 @@
+"""Mixture of experts: sigmoid top-k router with a choice-only bias, routed experts, shared expert."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..config import ModelArgs
+from .layers import DenseMLP, swiglu_oai
+
+
+class Router(nn.Module):
+    """Chooses top-k experts on sigmoid(score) + bias; weighs them by the unbiased scores.
+
+    A plain Module rather than nn.Linear so that quantising the model never touches it:
+    routing decisions flip on small weight errors, and the router is tiny.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = mx.zeros((args.num_local_experts, args.hidden_size))
+        self.e_score_correction_bias = mx.zeros((args.num_local_experts,))
+        self.top_k = args.num_experts_per_tok
+
+    def __call__(self, x: mx.array):
+        logits = x.astype(self.weight.dtype) @ self.weight.T
+        scores = mx.sigmoid(logits.astype(mx.float32))
+        biased = scores + self.e_score_correction_bias.astype(mx.float32)
+        k = self.top_k
+        inds = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[..., :k])
+        weights = mx.take_along_axis(scores, inds, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return inds, weights
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.switch_mlp = SwitchGLU(
+            args.hidden_size, args.intermediate_size, args.num_local_experts, activation=swiglu_oai(args)
+        )
+        self.shared_experts = DenseMLP(args, args.shared_intermediate_size)
+        self.routed_scaling_factor = args.routed_scaling_factor
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, weights = self.gate(x)
+        y = self.switch_mlp(x, inds)
+        # Weights stay float32 until after the sum, as in the reference.
+        y = (y * weights[..., None]).sum(axis=-2) * self.routed_scaling_factor
+        return y.astype(x.dtype) + self.shared_experts(x)
+
+    def shard(self, group) -> None:
+        """Keep every routed expert's and the shared expert's slice of the intermediate
+        dimension; the router stays whole. The output is then this rank's partial sum."""
+        shard_inplace(self.switch_mlp.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_mlp.up_proj, "all-to-sharded", group=group)
+        shard_inplace(self.switch_mlp.down_proj, "sharded-to-all", group=group)
+        self.shared_experts.shard(group)

@@ -1,0 +1,1 @@
+"""Parallel inference planning: per-rank sizes and layouts (the model shards itself: model/)."""

@@ -1,0 +1,372 @@
+"""`minimax-m3 generate`: one prompt through MiniMax-M3 on mlx-lm's generation loop.
+
+Built on mlx-lm's `stream_generate`, `make_sampler`, prompt caches and text state machine
+(the one its server uses to take reasoning and tool calls out of the answer). The prompt
+goes through the model's chat template with the thinking mode mapped onto the template's
+`thinking_mode` ("enabled": the model must reason first; "adaptive": it decides;
+"disabled": no reasoning). Reasoning is printed dimmed on a terminal (between
+"--- thinking ---" / "--- answer ---" lines otherwise) or dropped with --hide-thinking.
+At the end come mlx-lm's figures: prompt and generation tokens/s and peak memory.
+
+--prompt-cache-file FILE keeps the KV cache between runs: when FILE exists, the longest
+prefix it shares with the new prompt is reused (the rest of the cache is trimmed), and
+FILE is rewritten with this run's prompt and answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import TextStateMachine, make_text_state_machine, stream_generate
+from mlx_lm.models.cache import (
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx_lm.sample_utils import make_sampler
+
+from ..chat_format.markers import THINKING_MODES
+from ..chat_format.tokenizer import BareThinkEnd
+from ..loading import load, resolve_path
+from . import multimodal
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 256
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+# -- library ------------------------------------------------------------------------------------
+def chat_prompt(tokenizer, messages: List[Dict[str, Any]], thinking: Optional[str] = None,
+                tools: Optional[list] = None) -> List[int]:
+    """Token ids of `messages` + the assistant's generation prompt for a thinking mode."""
+    kwargs = {"thinking_mode": thinking} if thinking is not None else {}
+    if tools:
+        kwargs["tools"] = tools
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+
+
+def initial_state(tokenizer, prompt: Sequence[int]) -> str:
+    """The reply's first state: "reasoning" when the prompt leaves a think block open, else "normal"."""
+    if getattr(tokenizer, "has_thinking", False):
+        if tokenizer.rfind_think_start(list(prompt)) > tokenizer.rfind_think_end(list(prompt)):
+            return "reasoning"
+    return "normal"
+
+
+class PromptCache:
+    """A model's KV cache plus the tokens it holds, reused across prompts by common prefix."""
+
+    def __init__(self, model, cache: Optional[list] = None, tokens: Sequence[int] = ()):
+        self.model = model
+        self.cache = cache if cache is not None else make_prompt_cache(model)
+        self.tokens = list(tokens)
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset if self.cache else 0
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.model)
+        self.tokens = []
+
+    def reuse(self, prompt: Sequence[int]) -> List[int]:
+        """Trim the cache to the prefix it shares with `prompt`; return the tokens still to feed."""
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # the last prompt token must be fed to get logits
+        if n < len(self.tokens):
+            if n <= 0 or not can_trim_prompt_cache(self.cache):
+                self.reset()
+                n = 0
+            else:
+                trim_prompt_cache(self.cache, len(self.tokens) - n)
+                self.tokens = self.tokens[:n]
+        if self.offset != len(self.tokens):
+            raise RuntimeError(f"prompt cache holds {self.offset} tokens but records {len(self.tokens)}")
+        return prompt[n:]
+
+    def record(self, fed: Sequence[int]) -> None:
+        """After generation: the cache now holds the tokens fed (prompt rest + generated), up to its offset."""
+        self.tokens = (self.tokens + list(fed))[: self.offset]
+        if len(self.tokens) != self.offset:
+            raise RuntimeError(f"prompt cache holds {self.offset} tokens but only {len(self.tokens)} were fed")
+
+    # A cache file is only valid for the model (config) that wrote it.
+    @staticmethod
+    def fingerprint(model_path: str) -> str:
+        return hashlib.sha256((resolve_path(model_path) / "config.json").read_bytes()).hexdigest()
+
+    def save(self, path: str, model_path: str) -> None:
+        save_prompt_cache(str(path), self.cache, {
+            "tokens": json.dumps(self.tokens),
+            "model": str(model_path),
+            "config_sha256": self.fingerprint(model_path),
+        })
+
+    @classmethod
+    def load(cls, path: str, model, model_path: str) -> "PromptCache":
+        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        if meta.get("config_sha256") != cls.fingerprint(model_path):
+            raise ValueError(
+                f"{path} was written for another model ({meta.get('model')!r}); "
+                f"delete it or pass another --prompt-cache-file"
+            )
+        if len(cache) != len(model.layers):
+            raise ValueError(f"{path} has {len(cache)} layer caches, the model {len(model.layers)}")
+        return cls(model, cache, json.loads(meta.get("tokens", "[]")))
+
+
+@dataclass
+class Generation:
+    """One reply: answer, reasoning and tool calls kept apart, plus mlx-lm's figures."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: List[Dict[str, Any]] = field(default_factory=list)
+    tool_call_text: List[str] = field(default_factory=list)  # raw blocks, markers removed
+    unparsed_tool_calls: List[str] = field(default_factory=list)  # blocks with no complete call
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0  # fed this time (the rest after the cached prefix)
+    cached_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+
+
+def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             sampler=None, logits_processors=None, prompt_cache: Optional[PromptCache] = None,
+             tools: Optional[list] = None, prefill_step_size: int = 2048,
+             on_text: Optional[Callable[[str, str], None]] = None,
+             input_embeddings: Optional[mx.array] = None) -> Generation:
+    """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
+
+    `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
+    removed). The reply's tool calls are parsed with the tokenizer's tool parser.
+    `input_embeddings` ([L, hidden], e.g. from multimodal.prepare) replace the prompt's
+    embeddings; such a prompt neither reuses nor records a cached prefix, because every
+    image's placeholder tokens are the same ids.
+    """
+    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    if input_embeddings is not None:
+        if cache.tokens:
+            raise ValueError("a prompt with images or videos cannot continue a prompt cache")
+        rest = list(prompt)
+    else:
+        rest = cache.reuse(prompt)
+    extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
+    out = Generation(cached_tokens=len(prompt) - len(rest))
+    sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
+    bare_think_end = BareThinkEnd.for_reply(tokenizer, sm_state[0])
+    pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
+    tool_text: List[str] = []
+    prev_state = sm_state[0]
+    blocks: List[str] = []
+    for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
+                                logits_processors=logits_processors, prompt_cache=cache.cache,
+                                prefill_step_size=prefill_step_size, **extra):
+        out.tokens.append(resp.token)
+        sm_state, segments = TextStateMachine.split(sm_state, bare_think_end(resp.text, resp.finish_reason is not None))
+        if resp.finish_reason is not None:
+            sm_state, flushed, state = TextStateMachine.flush(sm_state)
+            segments.append((state, flushed))
+        for state, text in segments:
+            if prev_state == "tool" and state != "tool":
+                blocks.append("".join(tool_text))
+                tool_text.clear()
+            if state == "tool":
+                tool_text.append(text)
+            elif state in pieces:
+                pieces[state].append(text)
+            if text and on_text is not None:
+                on_text(state, text)
+            prev_state = state
+        out.finish_reason = resp.finish_reason
+        out.prompt_tokens, out.prompt_tps = resp.prompt_tokens, resp.prompt_tps
+        out.generation_tokens, out.generation_tps = resp.generation_tokens, resp.generation_tps
+        out.peak_memory = resp.peak_memory
+    if prev_state == "tool" and tool_text:
+        blocks.append("".join(tool_text))
+    if input_embeddings is None:
+        cache.record(list(rest) + out.tokens)
+
+    out.text, out.reasoning = "".join(pieces["normal"]), "".join(pieces["reasoning"])
+    out.tool_call_text = blocks
+    _parse_tool_calls(out, getattr(tokenizer, "tool_parser", None), tools)
+    return out
+
+
+def _parse_tool_calls(out: Generation, parser, tools: Optional[list]) -> None:
+    """out.tool_calls from out.tool_call_text with the tokenizer's parser; blocks it refuses
+    (e.g. cut off mid-call by max tokens) go to out.unparsed_tool_calls."""
+    if parser is None:
+        return
+    for block in out.tool_call_text:
+        try:
+            parsed = parser(block, tools)
+        except ValueError:
+            out.unparsed_tool_calls.append(block)
+            continue
+        out.tool_calls += parsed if isinstance(parsed, list) else [parsed]
+
+
+# -- terminal output ----------------------------------------------------------------------------
+class Printer:
+    """Streams a reply: reasoning dimmed (or dropped), answer plain, tool calls parsed."""
+
+    def __init__(self, stream=None, hide_thinking: bool = False, color: Optional[bool] = None):
+        self.stream = stream or sys.stdout
+        self.hide_thinking = hide_thinking
+        isatty = getattr(self.stream, "isatty", lambda: False)()
+        self.color = isatty if color is None else color
+        self.state: Optional[str] = None
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def __call__(self, state: str, text: str) -> None:
+        if state == "reasoning" and self.hide_thinking:
+            return
+        if state != self.state:
+            if self.state == "reasoning":
+                self.write(RESET + "\n\n" if self.color else "\n--- answer ---\n")
+            if state == "reasoning":
+                self.write(DIM if self.color else "--- thinking ---\n")
+            self.state = state
+        if state != "tool":  # tool calls are printed whole, once parsed (see finish)
+            self.write(text)
+
+    def finish(self, gen: Generation) -> None:
+        if self.state == "reasoning" and not self.hide_thinking:
+            self.write(RESET if self.color else "\n--- answer ---")
+        for call in gen.tool_calls:
+            self.write(f"\n[tool call] {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})")
+        for text in gen.unparsed_tool_calls:
+            self.write(f"\n[unparsed tool call] {text}")
+        self.write("\n")
+        self.state = None
+
+
+def print_stats(gen: Generation, stream=None) -> None:
+    """mlx-lm's end-of-generation figures."""
+    stream = stream or sys.stdout
+    cached = f" ({gen.cached_tokens} more from the prompt cache)" if gen.cached_tokens else ""
+    print(f"Prompt: {gen.prompt_tokens} tokens, {gen.prompt_tps:.3f} tokens-per-sec{cached}", file=stream)
+    print(f"Generation: {gen.generation_tokens} tokens, {gen.generation_tps:.3f} tokens-per-sec", file=stream)
+    print(f"Peak memory: {gen.peak_memory:.3f} GB", file=stream)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
+    parser.add_argument("--system-prompt", default=None, help="system prompt")
+    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
+                        help="reasoning: always (enabled), the model decides (adaptive, the template's default), "
+                             "never (disabled)")
+    parser.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass")
+    parser.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
+                        help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
+
+
+def make_cli_sampler(args):
+    return make_sampler(args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimax-m3 generate", description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
+    parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    parser.add_argument("--prompt-cache-file", default=None,
+                        help="reuse the KV cache in this file for the prompt's shared prefix, and save this run's")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
+    parser.add_argument("--video", action="append", default=[], help="a video file (repeat for more)")
+    parser.add_argument("--video-fps", type=float, default=1.0, help="frames per second sampled from videos")
+    return parser
+
+
+def media_prompt(model, tokenizer, args, messages):
+    """Token ids and embeddings of a chat prompt holding --image / --video inputs."""
+    if not model.has_vision:
+        raise ValueError(f"{args.model} has no vision tower (a text-only checkpoint or conversion)")
+    markers = multimodal.IMAGE_MARKER * len(args.image) + multimodal.VIDEO_MARKER * len(args.video)
+    messages[-1]["content"] = markers + messages[-1]["content"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         thinking_mode=args.thinking)
+    processor = multimodal.load_processor(args.model, tokenizer)
+    prepared = multimodal.prepare(model, processor, text, images=args.image or None, videos=args.video or None,
+                                  video_fps=args.video_fps)
+    return prepared.input_ids.tolist(), prepared.embeddings
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_tokens == 0 or args.max_tokens < -1:
+        print("--max-tokens must be positive (or -1 for no limit)", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    if mx.distributed.init().rank() != 0:  # every rank computes; rank 0 speaks
+        sys.stdout = open(os.devnull, "w")
+    model, tokenizer = load(args.model, group=mx.distributed.init(), mode=args.parallel, thinking=args.thinking)
+
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    media = args.image or args.video
+    if media and (args.prompt_cache_file or args.ignore_chat_template):
+        print("--image/--video go through the chat template and cannot use --prompt-cache-file "
+              "(every image's placeholders are the same token ids)", file=sys.stderr)
+        return 2
+    embeddings = None
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        if media:
+            ids, embeddings = media_prompt(model, tokenizer, args, messages)
+        else:
+            ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
+
+    cache = PromptCache(model)
+    if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
+        cache = PromptCache.load(args.prompt_cache_file, model, args.model)
+
+    printer = Printer(hide_thinking=args.hide_thinking)
+    print("=" * 10)
+    gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
+                   prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
+                   input_embeddings=embeddings)
+    printer.finish(gen)
+    print("=" * 10)
+    if not gen.tokens:
+        print("No text generated for this prompt")
+    print_stats(gen)
+    if args.prompt_cache_file:
+        cache.save(args.prompt_cache_file, args.model)
+    return 0

@@ -1,0 +1,443 @@
+"""`minimax-m3 server`: mlx-lm's OpenAI-compatible server running MiniMax-M3.
+
+A thin layer over `mlx_lm.server` (its HTTP handler, request queue, prompt cache, sampling
+and streaming are used as they are); what differs:
+
+- the model is loaded with this package's loader (every released checkpoint layout), and
+  the tokenizer gets MiniMax-M3's conventions (chat_format.tokenizer.configure_tokenizer): reasoning
+  in `<mm:think>`, tool calls in `]<]minimax[>[<tool_call>` blocks parsed into OpenAI
+  `tool_calls` by tool_parser.py;
+- the thinking mode per request, from any of: `chat_template_kwargs.thinking_mode`
+  ("enabled" / "adaptive" / "disabled", the template's variable, as vLLM and SGLang take
+  it), `chat_template_kwargs.enable_thinking` (bool), `thinking: {"type": ...}` (MiniMax's
+  and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
+  "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
+  reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
+- requests are checked before they are queued (messages, roles, tools, thinking mode):
+  a malformed one gets 400 with a message, not an error from deep inside generation;
+- requests are served one at a time: mlx-lm's batched path would merge our caches into
+  its BatchKVCache, which knows nothing of the sparse layers' index keys;
+- the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
+  abort at exit);
+- the end of a reply is not lost: mlx-lm's handler drops the text it holds back as a
+  possible marker start (a final `]` or `<`) when the model stops, and a tool-call block
+  that holds no call (e.g. cut off by max_tokens before the tool's name) comes back as
+  content, markers included, instead of vanishing (see _ReplyTracker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import logging
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Any, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine
+from mlx_lm.models.cache import LRUPromptCache
+from mlx_lm.server import (
+    APIHandler,
+    ModelProvider,
+    ResponseGenerator,
+    get_system_fingerprint,
+    process_message_content,
+)
+from mlx_lm.utils import _parse_size
+
+from ..chat_format.markers import THINKING_MODES
+from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
+from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
+from ..loading import load, resolve_path
+
+
+ROLES = ("system", "developer", "root", "user", "assistant", "tool")
+REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive", "medium": "adaptive",
+                    "high": "enabled", "xhigh": "enabled"}
+
+
+class MiniMaxModelProvider(ModelProvider):
+    """mlx-lm's model provider with this package's loader and MiniMax-M3's tokenizer setup.
+
+    Besides mlx-lm's "default_model", the served model answers to its path as given, its
+    resolved path (the id /v1/models lists) and its folder name, without a reload.
+    """
+
+    def __init__(self, cli_args):
+        super().__init__(cli_args)
+        path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
+        for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
+            self._model_map.setdefault(alias, cli_args.model)
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        if adapter_path is not None or draft_model_path is not None:
+            raise ValueError("adapters and draft models are not supported for MiniMax-M3")
+        path = resolve_path(model_path)  # fails before the current model is dropped
+
+        self.reset()
+        gc.collect()
+        mx.clear_cache()
+        tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
+        # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
+        group = mx.distributed.init() if self.is_distributed else None
+        mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
+        model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
+                                thinking=self.cli_args.thinking)
+
+        self.model_key = (model_path, adapter_path, draft_model_path)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = None  # the server takes text only (see _check_messages); images: generate --image
+        self.draft_model = None
+        self.is_batchable = False  # see the module docstring
+
+
+class MiniMaxResponseGenerator(ResponseGenerator):
+    """mlx-lm's generation thread, which also frees its MLX streams when it ends.
+
+    MLX 0.32 (CPU) can abort the process at exit ("terminate called without an active
+    exception") when a thread that made a stream has ended without destroying it.
+    """
+
+    def _run_generate(self):
+        try:
+            super()._run_generate()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()
+
+
+class _ReplyTracker:
+    """One reply as mlx-lm's handler sees it, to put right what that handler loses.
+
+    The handler (mlx_lm.server.APIHandler.handle_completion) runs the reply through a text
+    state machine that holds back text which could start a marker. When the model stops
+    (EOS) it discards that held text and the last detokenizer segment, so a reply ending in
+    `]` or `<` loses it; at max_tokens it flushes them. SGLang's rule is ours: finish
+    releases the held text. Its tool formatter also drops a block the parser finds no call
+    in. This tracker replays the same state machine on the same text, one step ahead of the
+    handler: it hands the handler an EOS stop as "length" (split and flush) and keeps the
+    real reason, and it keeps the content with unparsed blocks in place, which the handler's
+    generate_response then sends instead of its own text.
+    """
+
+    def __init__(self, ctx, tokenizer, tools):
+        self.state = ctx.text_sm.make_state(ctx.initial_state)
+        self.parser, self.tools = ctx.tool_parser, tools
+        self.bare_think_end = BareThinkEnd.for_reply(tokenizer, ctx.initial_state)
+        self.eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.block: Optional[List[str]] = None  # text of the open tool-call block
+        self.unsent: List[str] = []  # content the handler has not sent yet, unparsed blocks included
+        self.reasoning: List[str] = []
+        self.calls: List[dict] = []
+        self.stopped_at_eos = False
+        self.cut_off = False  # the reply ended inside a tool-call block
+
+    def parse_block(self, text: str, tools=None):
+        """The handler's tool parser: it hands a block cut off by max_tokens over as if it
+        were complete, and a cut-off block holds no call (tool_parser's rule)."""
+        return parse_tool_call(text, tools, complete=not self.cut_off)
+
+    def _end_block(self, closed: bool) -> None:
+        body = "".join(self.block)
+        self.block = None
+        if not closed and self.parser is parse_tool_call:
+            # Cut off by max_tokens: calls only if no invoke was cut off (tool_parser's rule).
+            found = parse_tool_calls(body, self.tools, complete=False)
+            self.calls += found
+            if not found:
+                self.unsent.append(unparsed_block(body, closed))
+            return
+        try:
+            parsed = self.parser(body, self.tools)
+            self.calls += parsed if isinstance(parsed, list) else [parsed]
+        except (ValueError, json.JSONDecodeError):
+            self.unsent.append(unparsed_block(body, closed))
+
+    def follow(self, responses):
+        for gen in responses:
+            final = gen.finish_reason is not None
+            text = self.bare_think_end(gen.text, final)
+            self.state, segments = TextStateMachine.split(self.state, text)
+            if final:
+                self.state, held, state = TextStateMachine.flush(self.state)
+                segments.append((state, held))
+            for state, piece in segments:
+                if self.block is not None and state != "tool":
+                    self._end_block(closed=True)
+                if state == "tool":
+                    self.block = self.block if self.block is not None else []
+                    self.block.append(piece)
+                elif state == "normal":
+                    self.unsent.append(piece)
+                elif state == "reasoning":
+                    self.reasoning.append(piece)
+            if final and self.block is not None:
+                self.cut_off = True
+                self._end_block(closed=False)
+            changes = {"text": text}
+            if gen.finish_reason == "stop" and gen.token in self.eos_ids:
+                self.stopped_at_eos = True
+                changes["finish_reason"] = "length"  # the handler then splits and flushes
+            yield dataclasses.replace(gen, **changes)
+
+    def take_content(self) -> str:
+        out = "".join(self.unsent)
+        self.unsent.clear()
+        return out
+
+
+class _TrackedGenerator:
+    """The shared response generator as one request's handler sees it: replies tracked."""
+
+    def __init__(self, shared: ResponseGenerator, handler: "MiniMaxAPIHandler"):
+        self._shared, self._handler = shared, handler
+
+    def __getattr__(self, name):
+        return getattr(self._shared, name)
+
+    def generate(self, request, generation_args, progress_callback=None):
+        ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
+        if ctx.tool_parser is parse_tool_call:
+            ctx.tool_parser = tracker.parse_block  # this request's context only
+        self._handler._reply = tracker
+        return ctx, tracker.follow(responses)
+
+
+def _thinking_from_request(body: dict) -> Optional[str]:
+    """The thinking mode a request asks for (None: the server's default); ValueError if malformed."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    asked = {}
+    if "thinking_mode" in kwargs or "enable_thinking" in kwargs:
+        asked["chat_template_kwargs"] = resolve_thinking_mode(kwargs.get("thinking_mode"), kwargs.get("enable_thinking"))
+    thinking = body.get("thinking")
+    if thinking is not None:
+        kind = thinking.get("type") if isinstance(thinking, dict) else thinking
+        if kind not in THINKING_MODES:
+            raise ValueError(f"thinking.type must be one of {', '.join(THINKING_MODES)}, got {kind!r}")
+        asked["thinking"] = kind
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORT:
+            raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORT)}, got {effort!r}")
+        asked["reasoning_effort"] = REASONING_EFFORT[effort]
+    modes = set(asked.values()) - {None}
+    if len(modes) > 1:
+        raise ValueError(f"conflicting thinking modes in one request: {asked}")
+    return modes.pop() if modes else None
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise ValueError(f"messages[{i}].tool_calls must be a list")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"messages[{i}].tool_calls[{j}] must have function.name")
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}") from None
+            if args is not None and not isinstance(args, dict):
+                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+
+
+def _check_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise ValueError("tools must be a list")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
+        raise ValueError("stop must be a string or a list of non-empty strings")
+
+
+class MiniMaxAPIHandler(APIHandler):
+    """mlx-lm's handler, plus request checks and the per-request thinking mode."""
+
+    def validate_model_parameters(self) -> None:
+        super().validate_model_parameters()
+        try:
+            self._check_request()
+        except (TypeError, AttributeError, KeyError) as e:
+            raise ValueError(f"malformed request: {type(e).__name__}: {e}") from None
+
+    def _check_request(self) -> None:
+        body = self.body
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
+        if self.stream_options is not None and not isinstance(self.stream_options, dict):
+            raise ValueError("stream_options must be an object")
+        _check_stop(body.get("stop"))
+        try:
+            mode = _thinking_from_request(body)
+        except ThinkingModeError as e:
+            raise ValueError(str(e)) from None
+        if mode is not None:
+            kwargs = dict(self.chat_template_kwargs or {})
+            kwargs.pop("enable_thinking", None)
+            kwargs["thinking_mode"] = mode
+            self.chat_template_kwargs = kwargs
+        if self.path in ("/v1/chat/completions", "/chat/completions"):
+            if "messages" not in body:
+                raise ValueError("the request has no messages")
+            _check_messages(body["messages"])
+            _check_tools(body.get("tools"))
+            self._check_template(body["messages"], body.get("tools") or None)
+        elif not isinstance(body.get("prompt"), str):
+            raise ValueError("prompt must be a string")
+
+    def _check_template(self, messages, tools) -> None:
+        """Render the prompt once here so that a conversation the template refuses is a 400."""
+        tokenizer = self.response_generator.model_provider.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
+            return
+        messages = copy.deepcopy(messages)
+        process_message_content(messages)
+        kwargs = dict(self.response_generator.cli_args.chat_template_args)
+        kwargs.update(self.chat_template_kwargs or {})
+        try:
+            tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)
+        except Exception as e:  # jinja2 errors, raise_exception in the template, bad kwargs
+            raise ValueError(f"the chat template refused this conversation: {e}") from None
+
+    def handle_completion(self, request, stop_words):
+        shared = self.response_generator
+        self.response_generator, self._reply = _TrackedGenerator(shared, self), None
+        try:
+            super().handle_completion(request, stop_words)
+        finally:
+            self.response_generator, self._reply = shared, None
+
+    def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        reply = getattr(self, "_reply", None)
+        if reply is not None:
+            text = reply.take_content()
+            if finish_reason == "length" and reply.stopped_at_eos or finish_reason == "tool_calls":
+                # "tool_calls" only when a call was made: a block that held none came back as content
+                finish_reason = "tool_calls" if reply.calls else "stop"
+        response = super().generate_response(text, finish_reason, *args, **kwargs)
+        for choice in response.get("choices", []):
+            for key in ("message", "delta"):
+                msg = choice.get(key)
+                if isinstance(msg, dict) and "reasoning" in msg:
+                    msg["reasoning_content"] = msg["reasoning"]
+        return response
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
+                   help="thinking mode of requests that name none (default: adaptive, the template's own)")
+    p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
+    p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
+    p.add_argument("--chat-template-args", type=json.loads, default="{}",
+                   help="JSON of extra chat template arguments for every request")
+    p.add_argument("--temp", type=float, default=0.0, help="default sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="default top-p")
+    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="default min-p (0: off)")
+    p.add_argument("--max-tokens", type=int, default=512, help="default max tokens per reply")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass")
+    p.add_argument("--prompt-cache-size", type=int, default=10, help="most KV caches kept between requests")
+    p.add_argument("--prompt-cache-bytes", type=_parse_size, default=None, help="most bytes of KV caches kept")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    return p
+
+
+def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
+    defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
+                    use_default_chat_template=False, decode_concurrency=1, prompt_concurrency=1,
+                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False)
+    for k, v in defaults.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    return args
+
+
+class Server:
+    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = _cli_args(args)
+        self.provider = MiniMaxModelProvider(self.args)
+        self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        fingerprint = get_system_fingerprint()
+        rg = self.response_generator
+
+        class HTTPServer(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint, **kw))
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread: Optional[threading.Thread] = None
+
+    def serve_forever(self) -> None:
+        logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")
+        self.httpd.serve_forever()
+
+    def start(self) -> "Server":
+        """Serve from a background thread (tests, notebooks)."""
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.response_generator.stop_and_join()
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    server = Server(args)
+    print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
