@@ -30,11 +30,13 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from minimax_m3_mlx.model.attention import Attention  # noqa: E402
 from minimax_m3_mlx.model.cache import SparseKVCache  # noqa: E402
 from minimax_m3_mlx.config import ModelArgs  # noqa: E402
 from mlx_lm.models.cache import CacheList, KVCache  # noqa: E402
+from masked_reference import masked_forward  # noqa: E402
 
 
 REAL = dict(vocab_size=200064, dense_intermediate_size=12288,
@@ -50,6 +52,19 @@ def our_layer(dtype, sparse: bool, index_cache_dtype: str):
     layer = Attention(args, 0)
     layer.set_dtype(dtype)
     return layer, args
+
+
+class MaskedLayer:
+    """Our sparse layer computing dense attention under its selection's mask."""
+
+    def __init__(self, attn):
+        self.attn = attn
+
+    def __call__(self, x, cache=None):
+        return masked_forward(self.attn, x, cache)
+
+    def parameters(self):
+        return self.attn.parameters()
 
 
 def mlx_lm_layer(dtype):
@@ -130,11 +145,10 @@ def check_equivalence(layer, S, L, dtype, index_dtype):
         mx.random.seed(1)
         cache = make_cache("ours", S - L, S + 256, dtype, index_dtype)
         x = (mx.random.normal((1, L, REAL["hidden_size"])) * 0.5).astype(dtype)
-        layer.sparse_impl = impl
-        outs.append(layer(x, cache=cache).astype(mx.float32))
+        out = masked_forward(layer, x, cache) if impl == "masked" else layer(x, cache=cache)
+        outs.append(out.astype(mx.float32))
         mx.eval(outs[-1])
         del cache
-    layer.sparse_impl = "gather"
     a, b = outs
     return (mx.linalg.norm((a - b).flatten()) / mx.linalg.norm(b.flatten())).item()
 
@@ -196,7 +210,7 @@ def main(argv=None):
     import minimax_m3_mlx.model.msa as msa
 
     if a.gather_word:
-        msa.GATHER_WORD_2 = getattr(mx, a.gather_word)
+        msa.GATHER_WORDS[2] = getattr(mx, a.gather_word)
     if a.gather_tile_mb:
         msa.GATHER_TILE_BYTES = a.gather_tile_mb << 20
     contexts = [int(s) for s in a.contexts.split(",")]
@@ -207,8 +221,7 @@ def main(argv=None):
     if "mlx_lm" in impls:
         layers["mlx_lm"] = mlx_lm_layer(dtype)
     if "ours_masked" in impls:  # for the crossover: our selection, dense attention under its mask
-        layers["ours_masked"] = our_layer(dtype, True, a.index_cache_dtype)[0]
-        layers["ours_masked"].sparse_impl = "masked"
+        layers["ours_masked"] = MaskedLayer(our_layer(dtype, True, a.index_cache_dtype)[0])
     for m in layers.values():
         mx.eval(m.parameters())
     bw = measured_bandwidth()

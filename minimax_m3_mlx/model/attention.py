@@ -58,10 +58,6 @@ class Attention(nn.Module):
             self.topk = args.index_topk_blocks
             self.local_blocks = args.index_local_blocks
             self.index_dtype = "float32" if args.index_cache_dtype == "float32" else None
-            # "gather": attend over the selected blocks only; "masked": dense attention
-            # under the equivalent [B, Hq, L, S] mask (the reference's way; for tests and
-            # measurements only: it is what the gather path exists to avoid).
-            self.sparse_impl = "gather"
 
     def __call__(self, x: mx.array, cache: Optional[object] = None) -> mx.array:
         B, L, _ = x.shape
@@ -88,7 +84,7 @@ class Attention(nn.Module):
         n_keys = offset + L
         n_blocks = msa.n_blocks_for(n_keys, self.block_size)
         n_groups, kv_map, ix_map = msa.group_maps(self.n_heads, self.n_kv_heads, idx_q.shape[1])
-        if (L == 1 and n_blocks > self.topk and self.sparse_impl == "gather" and self.local_blocks >= 1
+        if (L == 1 and n_blocks > self.topk and self.local_blocks >= 1
                 and n_groups == self.n_kv_heads == idx_q.shape[1] and cache.keys is not None):
             return self._decode(q, k, v, idx_q, idx_k, cache, offset)
         index_keys = cache.update_index(idx_k)
@@ -96,15 +92,10 @@ class Attention(nn.Module):
         if n_blocks <= self.topk:
             # Every block is kept: the selection is the causal mask, and dense is exact.
             # This is the only crossover: once a block is dropped, dense attention is a
-            # different model. Speed alone would put it higher (H200, MLX CUDA, bf16, one
-            # layer: decode 0.62 ms sparse vs 0.42 ms dense at 16K, 0.60 vs 1.71 at 128K;
-            # a 2048-token prefill chunk 30 ms vs 15 ms at 128K, 47 vs 60 at 512K).
+            # different model, whatever it would save (BENCHMARKS.md measures both).
             return msa.dense_attention(q, keys, values, self.scale)
         scores = msa.index_block_scores(idx_q, index_keys, offset, self.block_size)
         idx, valid = msa.select_blocks(scores, offset, self.block_size, self.topk, self.local_blocks)
-        if self.sparse_impl == "masked":
-            mask = msa.block_mask(idx, valid, offset, n_keys, self.block_size, self.n_heads)
-            return msa.dense_attention(q, keys, values, self.scale, mask=mask)
         return msa.sparse_attention(q, cache.keys, cache.values, idx, valid, offset, self.scale,
                                     self.block_size, ix_map, kv_map)
 

@@ -14,7 +14,7 @@ from ..weights.sanitize import sanitize
 from ..weights.sharding import (
     ShardingError, check_pipeline, check_tensor_parallel, default_split, stage_layers, table_from_arrays,
 )
-from . import vision
+from . import decode, vision
 from .attention import Attention
 from .cache import SparseKVCache
 from .collectives import Stages, all_sum
@@ -34,6 +34,8 @@ class DecoderLayer(nn.Module):
         self.sharding_group = None
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if decode.usable(self, x, cache):
+            return decode.step(self, x, cache)
         h = x + self._summed(self.self_attn(self.input_layernorm(x), cache))
         return h + self._summed(self.mlp(self.post_attention_layernorm(h)))
 

@@ -23,13 +23,12 @@ import mlx.core as mx
 
 # Upper bounds on the transient tensors, in elements / bytes. A 2048-token chunk at
 # the real dims then scores 16384 keys per tile (512 MiB of float32 scores) and gathers
-# 128 queries' blocks at a time (512 MiB of bf16 K+V). Measured on an H200 (128K
-# context, 2048-token chunk): gather tiles of 128 / 512 / 1024 MiB took 37.7 / 26.5 /
-# 26.6 ms with 0.99 / 1.23 / 1.69 GB of transient memory.
+# 128 queries' blocks at a time (512 MiB of bf16 K+V); BENCHMARKS.md has the tile sizes
+# measured against each other.
 INDEX_TILE_ELEMENTS = 1 << 27
 GATHER_TILE_BYTES = 1 << 29
-GATHER_WORD_2 = mx.uint64  # how cache elements are moved by gathers (see _word)
-GATHER_WORD_4 = mx.uint64
+# The unsigned word a gather moves cache rows in, by element size in bytes (see _word).
+GATHER_WORDS = {2: mx.uint64, 4: mx.uint64}
 
 
 def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_size: int) -> mx.array:
@@ -55,13 +54,24 @@ def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_siz
         for b0 in range(lo, hi, tile_blocks):
             b1 = min(hi, b0 + tile_blocks)
             k0, k1 = b0 * block_size, b1 * block_size
-            s = q @ index_keys[:, :, k0:k1, :].swapaxes(-1, -2)  # [B, H, L, T]
+            s = _scores(q, index_keys[:, :, k0:k1, :])  # [B, H, L, T]
             if masked:
                 s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
             pooled.append(s.reshape(B, H, L, b1 - b0, block_size).max(axis=-1).astype(mx.float32))
             if L > 1 and n_blocks > tile_blocks:
                 mx.eval(pooled[-1])  # bound the live score tiles to one (see sparse_attention)
     return pooled[0] if len(pooled) == 1 else mx.concatenate(pooled, axis=-1)
+
+
+def _scores(q: mx.array, keys: mx.array) -> mx.array:
+    """[B, H, L, D] queries x [B, 1, T, D] shared keys -> [B, H, L, T], as one matmul.
+
+    The index heads ride on the row axis ([H*L, D] @ [D, T]) rather than broadcasting the
+    keys over a batch axis of H: the same products, without MLX treating the one shared
+    key matrix as H batched ones.
+    """
+    B, H, L, D = q.shape
+    return (q.reshape(B, 1, H * L, D) @ keys.swapaxes(-1, -2)).reshape(B, H, L, keys.shape[2])
 
 
 def select_blocks(block_scores: mx.array, offset: int, block_size: int, topk: int, local_blocks: int):
@@ -93,10 +103,9 @@ def group_maps(n_heads: int, n_kv_heads: int, n_index_heads: int):
 
 def _word(dtype):
     """The unsigned type a gather moves elements as: MLX's gather is element-wise, so
-    moving bf16 cache rows as uint64 words moves 4 values per element (measured on an
-    H200, MLX 0.32.4 CUDA: rows of bf16 290 GB/s, as uint32 575 GB/s; a 2048-token
-    prefill chunk at 128K took 40.8 ms with uint32 words and 34.6 ms with uint64)."""
-    return {2: GATHER_WORD_2, 4: GATHER_WORD_4}.get(dtype.size)
+    moving bf16 cache rows as uint64 words moves 4 values per element, several times
+    faster than moving them one by one (BENCHMARKS.md)."""
+    return GATHER_WORDS.get(dtype.size)
 
 
 def gather_blocks(buf: mx.array, block_ids: mx.array, block_size: int) -> mx.array:
@@ -177,10 +186,10 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     """Selection and attention of one decode token of an MSA layer, as one graph.
 
     Every shape depends only on the cache capacity, never on the position (an int32
-    array), so the compiled graph is traced once per capacity, not per token: built op by
-    op, the step cost ~0.9 ms of Python and launch overhead on an H200 (MLX CUDA) at any
-    context. The cache writes stay outside (Attention._decode): inside a compiled graph
-    MLX does not update the buffers in place, and each token copied the whole cache.
+    array), so the compiled graph is traced once per capacity, not per token (built op by
+    op, the step was launch-bound: BENCHMARKS.md). The cache writes stay outside
+    (Attention._decode, decode.step): inside a compiled graph MLX does not update the
+    buffers in place, and each token would copy the whole cache.
 
     The own block is gathered whole and its future slots masked; the other topk-1 kept
     blocks are past blocks, whole. Scores run over the whole capacity with future slots
@@ -190,7 +199,7 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     Hkv, C = keys.shape[1], keys.shape[2]
     bs = block_size
     nb = C // bs
-    s = idx_q.astype(index_keys.dtype) @ index_keys.swapaxes(-1, -2)  # [B, G, 1, C]
+    s = _scores(idx_q.astype(index_keys.dtype), index_keys)  # [B, G, 1, C]
     s = mx.where(mx.arange(C) <= pos, s, -mx.inf)
     s = s.reshape(B, Hkv, nb, bs).max(axis=-1).astype(mx.float32)  # [B, G, nb]
     blocks = mx.arange(nb)
