@@ -7,8 +7,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
+from mlx_lm.models.cache import BatchKVCache
 
-from . import msa
+from . import batch_msa, msa
+from .batch_cache import BatchSparseCache
 from .cache import SparseKVCache
 from ..config import ModelArgs
 from .layers import GemmaRMSNorm, partial_rope
@@ -68,12 +70,16 @@ class Attention(nn.Module):
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
 
-        if self.is_sparse:
+        if self.is_sparse and isinstance(cache, BatchSparseCache):
+            out = batch_msa.attend(self, x, q, k, v, cache)
+        elif self.is_sparse:
             out = self._sparse(x, q, k, v, cache, offset)
         else:
+            # mlx-lm's BatchKVCache left-pads rows: its mask hides the padding (made before the write).
+            mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else None
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            out = msa.dense_attention(q, k, v, self.scale)
+            out = msa.dense_attention(q, k, v, self.scale, mask)
         return self.o_proj(out.reshape(B, L, -1))
 
     def _sparse(self, x, q, k, v, cache, offset):

@@ -112,9 +112,11 @@ class SparseKVCache(KVCache):
 
     @classmethod
     def merge(cls, caches):
-        # mlx-lm's batch cache would keep K/V and drop the index keys.
-        raise ValueError("batched generation over several prompt caches is not supported for "
-                         "MiniMax-M3's sparse attention layers yet")
+        """mlx-lm's batched generation merges per-request caches: into a BatchSparseCache,
+        which keeps the index keys and each sequence's blocks where they are alone."""
+        from .batch_cache import BatchSparseCache  # it builds on this module
+
+        return BatchSparseCache.merge(caches)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         # mlx-lm's QuantizedKVCache would drop the index keys; refuse loudly instead of

@@ -125,7 +125,9 @@ class Model(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.layers)} layers; use model.make_cache()")
         if cache is not None and cache[0] is not None:
-            n = cache[0].offset + inputs.shape[-1]
+            offset = cache[0].offset  # one per row under batched generation
+            offset = int(offset.max()) if isinstance(offset, mx.array) else offset
+            n = offset + inputs.shape[-1]
             if n > self.args.max_position_embeddings:
                 raise ValueError(
                     f"context of {n} tokens exceeds max_position_embeddings={self.args.max_position_embeddings}"

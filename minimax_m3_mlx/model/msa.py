@@ -167,7 +167,10 @@ def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_s
         vg = gather_blocks(values_buf, ids, bs).reshape(B * Lt, G, k * bs, Dv)
         blk = idx[:, :, l0:l1].transpose(0, 2, 1, 3)  # [B, Lt, G, k]
         key_pos = blk[..., None] * bs + slot  # [B, Lt, G, k, bs]
-        q_pos = mx.arange(offset + l0, offset + l1).reshape(1, Lt, 1, 1, 1)
+        if isinstance(offset, mx.array):  # one position per row (a BatchSparseCache)
+            q_pos = (offset[:, None] + mx.arange(l0, l1)).reshape(B, Lt, 1, 1, 1)
+        else:
+            q_pos = mx.arange(offset + l0, offset + l1).reshape(1, Lt, 1, 1, 1)
         keep = (key_pos <= q_pos) & valid[:, :, l0:l1].transpose(0, 2, 1, 3)[..., None]
         keep = keep.reshape(B * Lt, G, 1, k * bs)
         # The group's query heads ride on the query axis: one SDPA "head" per group.
