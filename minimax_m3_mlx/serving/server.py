@@ -105,7 +105,9 @@ class MiniMaxModelProvider(ModelProvider):
         self.tokenizer = tokenizer
         self.processor = None  # the server takes text only (see _check_messages); images: generate --image
         self.draft_model = None
-        self.is_batchable = False  # see the module docstring
+        # mlx-lm batches requests (BatchGenerator) when this is set; one stream at a time
+        # takes mlx-lm's single-request path, which runs our compiled decode step.
+        self.is_batchable = self.cli_args.decode_concurrency > 1
 
 
 class MiniMaxResponseGenerator(ResponseGenerator):
@@ -490,6 +492,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=probability, default=0.0, help="default min-p (0: off)")
     p.add_argument("--max-tokens", type=positive_int, default=512, help="default max tokens per reply")
     p.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
+    p.add_argument("--decode-concurrency", type=positive_int, default=8,
+                   help="most requests decoded together in one batch (default: 8; 1 serves one at a time)")
+    p.add_argument("--prompt-concurrency", type=positive_int, default=4,
+                   help="most new prompts prefilled together, between decode steps (default: 4)")
     p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
@@ -500,7 +506,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
-                    use_default_chat_template=False, decode_concurrency=1, prompt_concurrency=1,
+                    use_default_chat_template=False, decode_concurrency=8, prompt_concurrency=4,
                     kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False)
     for k, v in defaults.items():
         if not hasattr(args, k):
@@ -508,11 +514,20 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def check_batching(args: argparse.Namespace) -> None:
+    """Refuse option combinations the batched path cannot honour, in one line."""
+    if getattr(args, "kv_bits", None) and args.decode_concurrency > 1:
+        # mlx-lm would silently serve one request at a time; BatchSparseCache has no
+        # quantized form yet.
+        raise ValueError("--kv-bits does not work with batching yet: add --decode-concurrency 1")
+
+
 class Server:
     """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
+        check_batching(self.args)
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
         try:
