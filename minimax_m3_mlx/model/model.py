@@ -14,12 +14,22 @@ from ..weights.sanitize import sanitize
 from ..weights.sharding import (
     ShardingError, check_pipeline, check_tensor_parallel, default_split, stage_layers, table_from_arrays,
 )
-from . import decode, vision
+from . import batch_decode, decode, vision
 from .attention import Attention
 from .cache import SparseKVCache
 from .collectives import Stages, all_sum
 from .layers import DenseMLP, GemmaRMSNorm
 from .moe import SparseMoeBlock
+
+
+def _longest(cache) -> int:
+    """The longest sequence in the caches; under batched generation offsets are one per row,
+    and a BatchSparseCache knows them without reading the device."""
+    for c in cache:
+        if hasattr(c, "lengths"):
+            return max(c.lengths, default=0)
+    offset = cache[0].offset
+    return int(offset.max()) if isinstance(offset, mx.array) else offset
 
 
 class DecoderLayer(nn.Module):
@@ -36,6 +46,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         if decode.usable(self, x, cache):
             return decode.step(self, x, cache)
+        if batch_decode.usable(self, x, cache):
+            return batch_decode.step(self, x, cache)
         h = x + self._summed(self.self_attn(self.input_layernorm(x), cache))
         return h + self._summed(self.mlp(self.post_attention_layernorm(h)))
 
@@ -125,8 +137,7 @@ class Model(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.layers)} layers; use model.make_cache()")
         if cache is not None and cache[0] is not None:
-            offset = cache[0].offset  # one per row under batched generation
-            offset = int(offset.max()) if isinstance(offset, mx.array) else offset
+            offset = _longest(cache)
             n = offset + inputs.shape[-1]
             if n > self.args.max_position_embeddings:
                 raise ValueError(
