@@ -20,8 +20,13 @@ and streaming are used as they are); what differs:
 - a reply stops at the context limit with finish_reason "length" (max_tokens is capped
   to the room the prompt leaves);
 - /v1/models lists the served model whether or not a Hugging Face cache exists;
-- requests are served one at a time: mlx-lm's batched path would merge our caches into
-  its BatchKVCache, which knows nothing of the sparse layers' index keys;
+- concurrent requests are batched by mlx-lm's BatchGenerator (continuous batching: new
+  prompts are prefilled between decode steps, rows join and leave as requests come and
+  end; prompt-cache reuse per request as mlx-lm does it). The sparse layers' caches merge
+  into model/batch_cache.BatchSparseCache, which keeps every sequence at its own positions
+  so that its block selection is the one it would have alone; `--decode-concurrency`
+  (mlx-lm's flag) bounds the batch, and 1 serves one request at a time on the
+  single-request path. `--kv-bits` with batching is refused (no quantized batch cache yet);
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
   abort at exit);
 - the end of a reply is not lost: mlx-lm's handler drops the text it holds back as a
