@@ -137,16 +137,18 @@ def test_batch_generator_tokens_equal_each_sequence_alone(model):
     gen = BatchGenerator(model, completion_batch_size=4, prefill_batch_size=2, prefill_step_size=64)
     uids = gen.insert(prompts, max_tokens)
     got = {u: [] for u in uids}
-    widest = 0
+    widest, interleaved = 0, False
     while True:
         prompt_responses, responses = gen.next()
         if not prompt_responses and not responses:
             break
         widest = max(widest, len(responses))
+        # a prompt chunk of a later request in the same call as decode steps of earlier ones
+        interleaved |= any(not r.end_of_prompt for r in prompt_responses) and bool(responses)
         for r in responses:
             got[r.uid].append(r.token)
     gen.close()
-    assert widest >= 3  # decoded together, not one after another
+    assert widest >= 3 and interleaved  # decoded together, prefill between decode steps
     for u, want in zip(uids, alone):
         assert got[u] == want
 
