@@ -20,6 +20,9 @@ serves.
 
   python scripts/bench_batch.py --contexts 8192,65536 --streams 1,2,4,8 --layers 10 --json out.json
   python scripts/bench_batch.py --tiny     # reduced widths: a CPU smoke run
+
+At one stream, `batch_path_ms_per_step` is the same stream through the batch caches (what
+the server runs for a lone request when --decode-concurrency > 1).
 """
 
 from __future__ import annotations
@@ -151,6 +154,11 @@ def run(a):
                     if n == 1:
                         ms, _ = bd.time_generate(model, singles[0], a.tokens, a.warm, 1, S)
                         caches = singles[0]
+                        # the same stream through the batched path (the server's default for a lone request)
+                        one_row = merged([filled_caches(impl, model, S, capacity)])
+                        deltas = decode_steps(model, one_row, 1, a.warm + a.tokens, vocab)[a.warm:]
+                        rec["batch_path_ms_per_step"] = round(statistics.median(deltas) * 1e3, 3)
+                        one_row = None
                     else:
                         caches = merged(singles)
                         del singles

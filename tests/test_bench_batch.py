@@ -21,6 +21,7 @@ def test_tiny_run_writes_records(tmp_path):
     for r in rows.values():
         assert "error" not in r, r
         assert r["tok_s"] > 0 and r["predicted_tok_s"] > 0 and r["speedup"] > 0
+    assert rows["ours", 1]["batch_path_ms_per_step"] > 0
     # 8 experts, top-2: one row reads 2 per layer; four rows with routing that differs by row read more
     assert rows["ours", 1]["experts_measured"] == 2 and rows["ours", 1]["experts_predicted"] == 2
     assert rows["ours", 4]["experts_measured"] > 2.5 and rows["mlx_lm", 4]["experts_measured"] > 2.5

@@ -186,3 +186,6 @@ class BatchSparseCache:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in (self.keys, self.values, self.index_keys) if b is not None)
+
+
+SparseKVCache.batch_class = BatchSparseCache

@@ -110,13 +110,18 @@ class SparseKVCache(KVCache):
         obj.state = state
         return obj
 
+    # The batch cache merge() makes: batch_cache.BatchSparseCache, which sets itself here
+    # (it builds on this module, so this module cannot import it).
+    batch_class = None
+
     @classmethod
     def merge(cls, caches):
         """mlx-lm's batched generation merges per-request caches: into a BatchSparseCache,
-        which keeps the index keys and each sequence's blocks where they are alone."""
-        from .batch_cache import BatchSparseCache  # it builds on this module
-
-        return BatchSparseCache.merge(caches)
+        which keeps the index keys and each sequence's blocks where they are alone
+        (KVCache.merge would give a BatchKVCache without them)."""
+        if cls.batch_class is None:
+            raise ValueError("import minimax_m3_mlx.model.batch_cache before batching SparseKVCaches")
+        return cls.batch_class.merge(caches)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         # mlx-lm's QuantizedKVCache would drop the index keys; refuse loudly instead of
