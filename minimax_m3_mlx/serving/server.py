@@ -168,8 +168,9 @@ class _ReplyTracker:
     generate_response then sends instead of its own text.
     """
 
-    def __init__(self, ctx, tokenizer, tools):
+    def __init__(self, ctx, tokenizer, tools, batched=False):
         self.state = ctx.text_sm.make_state(ctx.initial_state)
+        self.batched, self.decode = batched, tokenizer.decode
         self.parser, self.tools = ctx.tool_parser, tools
         self.bare_think_end = BareThinkEnd.for_reply(tokenizer, ctx.initial_state)
         self.eos_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -204,7 +205,13 @@ class _ReplyTracker:
     def follow(self, responses):
         for gen in responses:
             final = gen.finish_reason is not None
-            text = self.bare_think_end(gen.text, final)
+            text = gen.text
+            if final and self.batched and gen.finish_reason == "stop" and gen.token not in self.eos_ids:
+                # A stop word: mlx-lm's batched path leaves its last token out of the text,
+                # its single path does not; with the whole stop word the state machine strips
+                # it, instead of the flush below sending its start as content.
+                text += self.decode([gen.token])
+            text = self.bare_think_end(text, final)
             self.state, segments = TextStateMachine.split(self.state, text)
             if final:
                 self.state, held, state = TextStateMachine.flush(self.state)
@@ -245,7 +252,8 @@ class _TrackedGenerator:
 
     def generate(self, request, generation_args, progress_callback=None):
         ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
-        tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
+        tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None),
+                                batched=self._shared._is_batchable(generation_args))
         if ctx.tool_parser is parse_tool_call:
             ctx.tool_parser = tracker.parse_block  # this request's context only
         self._handler._reply = tracker
