@@ -110,8 +110,7 @@ class MiniMaxModelProvider(ModelProvider):
         self.tokenizer = tokenizer
         self.processor = None  # the server takes text only (see _check_messages); images: generate --image
         self.draft_model = None
-        # mlx-lm batches requests (BatchGenerator) when this is set; one stream at a time
-        # takes mlx-lm's single-request path, which runs our compiled decode step.
+        # mlx-lm batches requests (BatchGenerator) when set; else its single-request path.
         self.is_batchable = self.cli_args.decode_concurrency > 1
 
 
@@ -207,9 +206,8 @@ class _ReplyTracker:
             final = gen.finish_reason is not None
             text = gen.text
             if final and self.batched and gen.finish_reason == "stop" and gen.token not in self.eos_ids:
-                # A stop word: mlx-lm's batched path leaves its last token out of the text,
-                # its single path does not; with the whole stop word the state machine strips
-                # it, instead of the flush below sending its start as content.
+                # A stop word: mlx-lm's batched path leaves its last token out of the text (its
+                # single path does not); whole, the state machine strips it rather than flush its start.
                 text += self.decode([gen.token])
             text = self.bare_think_end(text, final)
             self.state, segments = TextStateMachine.split(self.state, text)
@@ -530,8 +528,7 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
 def check_batching(args: argparse.Namespace) -> None:
     """Refuse option combinations the batched path cannot honour, in one line."""
     if getattr(args, "kv_bits", None) and args.decode_concurrency > 1:
-        # mlx-lm would silently serve one request at a time; BatchSparseCache has no
-        # quantized form yet.
+        # mlx-lm would silently serve one at a time; BatchSparseCache has no quantized form yet.
         raise ValueError("--kv-bits does not work with batching yet: add --decode-concurrency 1")
 
 
