@@ -24,6 +24,8 @@ recoverable this way: mlx.launch then stops the other ranks.
 
 from __future__ import annotations
 
+import signal
+import threading
 from queue import Queue
 from typing import Optional
 
@@ -129,3 +131,12 @@ class ClusterFollowing:
         every = np.array(mx.distributed.all_sum(mx.array(rows)))
         return [(rank, bytes(row[1:]).rstrip(b"\0").decode(errors="replace"))
                 for rank, row in enumerate(every) if row[0]]
+
+
+def follow_signals() -> None:
+    """On a following rank: ignore Ctrl-C (mlx.launch's terminal sends it to every rank),
+    and end when rank 0 does. A rank interrupted in a collective would leave rank 0 alone
+    in it; and a handled signal interrupts the ring backend's socket calls (MLX 0.32 then
+    aborts the process)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

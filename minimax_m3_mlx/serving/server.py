@@ -63,7 +63,7 @@ from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thi
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
-from .cluster import ClusterError, ClusterFollowing
+from .cluster import ClusterError, ClusterFollowing, follow_signals
 from .generate import ContextLimitError, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
 
@@ -533,6 +533,7 @@ class Server:
         self.httpd, self.host, self.port, self._thread = None, None, None, None
         if self.response_generator.follows:
             self.response_generator.wait_loaded()
+            follow_signals()
             return
         try:
             infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
