@@ -527,7 +527,8 @@ class Server:
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
-        settle_access(self.args)
+        if mx.distributed.init().rank() == 0:  # the rank that listens
+            settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
         self.httpd, self.host, self.port, self._thread = None, None, None, None
