@@ -128,6 +128,10 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
         error = failed.value.body
         assert error["type"] == "server_error" and "rank 1" in error["message"], error
         assert "injected failure" in error["message"]
+        # a client that leaves mid-reply: the ranks finish it together and stay in step
+        chunks = client.chat.completions.create(model="default_model", messages=CHATS[1], max_tokens=40, stream=True)
+        next(iter(chunks))
+        chunks.close()
         assert _ask(client)[:1] == alone[:1]
 
         for pid in _ranks(proc.pid):  # Ctrl-C, as a terminal sends it (the launcher's own traceback aside)

@@ -327,9 +327,8 @@ def _check_stop(stop: Any) -> None:
 
 
 class MiniMaxAPIHandler(AccessControl, APIHandler):
-    """mlx-lm's handler, plus CORS and API-key checks (access.py), request checks, the
-    per-request thinking mode, the context limit, OpenAI-shaped error bodies and a
-    /v1/models that needs no Hugging Face cache."""
+    """mlx-lm's handler, plus access checks (access.py), request checks, the thinking mode,
+    the context limit, OpenAI-shaped errors and a /v1/models needing no Hugging Face cache."""
 
     def setup(self):
         super().setup()
@@ -462,6 +461,8 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         self.response_generator, self._reply = _TrackedGenerator(shared, self), None
         try:
             super().handle_completion(request, stop_words)
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-reply: no traceback
+            logging.info("the client closed the connection before the reply ended")
         finally:
             self.response_generator, self._reply = shared, None
 
@@ -520,10 +521,7 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
 
 class Server:
     """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread.
-
-    Under mlx.launch only rank 0 listens; the other ranks follow its requests (cluster.py)
-    until rank 0 shuts down.
-    """
+    Under mlx.launch only rank 0 listens; the other ranks follow it (cluster.py)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
