@@ -146,3 +146,25 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     assert "Address already in use" not in text and "Traceback" not in text, text[-3000:]
     assert "exited with code" not in text and "was killed" not in text, text[-3000:]  # both ranks ended cleanly
     assert "[ring]" not in text, text[-3000:]
+
+
+def test_generate_images_refused_under_mlx_launch(ckpt, tmp_path, monkeypatch, capsys):
+    """The ranks load no vision tower: --image under mlx.launch is refused before loading."""
+    import mlx.core as mx
+
+    from minimax_m3_mlx.serving import generate
+
+    class TwoRanks:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"\x89PNG")
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: TwoRanks())
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", str(ckpt), "--image", str(image), "--prompt", "what is this?"])
+    assert e.value.code == 2 and "--image/--video under mlx.launch" in capsys.readouterr().err
