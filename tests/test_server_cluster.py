@@ -6,9 +6,7 @@ fails for its client alone, and Ctrl-C ends every rank."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK = Path(__file__).parent / "dist_server.py"
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_server import FAIL_MARK  # noqa: E402
+from ring import free_port_base, launch_args  # noqa: E402
 
 MAX_TOKENS = 10
 CHATS = [[{"role": "user", "content": "Hello there!"}],
@@ -39,12 +38,14 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def _ask(client):
+def _ask(client, first_only=False):
     """The replies compared: chat (plain and streamed) and a text completion."""
     out = []
-    for messages in CHATS:
+    for messages in CHATS[:1] if first_only else CHATS:
         r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=MAX_TOKENS)
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
+    if first_only:
+        return out
     chunks = client.chat.completions.create(model="default_model", messages=CHATS[0], max_tokens=MAX_TOKENS,
                                             stream=True)
     out.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
@@ -69,23 +70,6 @@ def alone(ckpt):
         srv.shutdown()
 
 
-def _free_ports(n: int = 1) -> int:
-    """The first of n consecutive free ports (mlx.launch's ring takes --starting-port and the
-    next ones: its fixed default would collide with another launch on this machine)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def _wait_ready(port, proc, log, deadline=120):
     end = time.time() + deadline
     while time.time() < end:
@@ -108,11 +92,10 @@ def _ranks(launcher_pid):
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    port, ring = _free_ports(), _free_ports(2)
+    port = free_port_base(1)
     log = tmp_path / "launch.log"
-    cmd = [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(ring), "--python", sys.executable, str(RANK), "--model", str(ckpt),
+    cmd = [*launch_args(2), str(RANK), "--model", str(ckpt),
            "--port", str(port), "--parallel", mode, "--thinking", "disabled"]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,7 +115,7 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
         chunks = client.chat.completions.create(model="default_model", messages=CHATS[1], max_tokens=40, stream=True)
         next(iter(chunks))
         chunks.close()
-        assert _ask(client)[:1] == alone[:1]
+        assert _ask(client, first_only=True) == alone[:1]
 
         for pid in _ranks(proc.pid):  # Ctrl-C, as a terminal sends it (the launcher's own traceback aside)
             os.kill(pid, signal.SIGINT)
