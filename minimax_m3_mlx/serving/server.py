@@ -48,7 +48,7 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine
@@ -64,16 +64,16 @@ from mlx_lm.utils import _parse_size
 
 from ..arg_types import json_object, non_negative_float, non_negative_int, number, port, positive_int, probability, size
 from ..chat_format.markers import THINKING_MODES
-from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
+from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
+from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
+from .cluster import ClusterError, ClusterFollowing, follow_signals
 from .generate import ContextLimitError, reply_room
+from .request_checks import _check_messages, _check_stop, _check_tools, _thinking_from_request
 from .http_errors import OpenAIErrorBodies, RequestError
 
 
-ROLES = ("system", "developer", "root", "user", "assistant", "tool")
-REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive", "medium": "adaptive",
-                    "high": "enabled", "xhigh": "enabled"}
 
 
 class MiniMaxModelProvider(ModelProvider):
@@ -99,10 +99,9 @@ class MiniMaxModelProvider(ModelProvider):
         gc.collect()
         mx.clear_cache()
         tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
-        # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
+        # Under mlx.launch each rank loads its part, split as --parallel says.
         group = mx.distributed.init() if self.is_distributed else None
-        mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
-        model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
+        model, tokenizer = load(path, group=group, mode=self.cli_args.parallel, tokenizer_config=tokenizer_config,
                                 thinking=self.cli_args.thinking)
 
         self.model_key = (model_path, adapter_path, draft_model_path)
@@ -110,11 +109,12 @@ class MiniMaxModelProvider(ModelProvider):
         self.tokenizer = tokenizer
         self.processor = None  # the server takes text only (see _check_messages); images: generate --image
         self.draft_model = None
-        # mlx-lm batches requests (BatchGenerator) when set; else its single-request path.
-        self.is_batchable = self.cli_args.decode_concurrency > 1
+        # mlx-lm batches requests (BatchGenerator) when set; else its single-request path
+        # (always under mlx.launch: the followers of cluster.py replay single requests).
+        self.is_batchable = self.cli_args.decode_concurrency > 1 and not self.is_distributed
 
 
-class MiniMaxResponseGenerator(ResponseGenerator):
+class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
     """mlx-lm's generation thread, which also frees its MLX streams when it ends, and
     which reports whether the served model loaded (`wait_loaded`).
 
@@ -249,7 +249,11 @@ class _TrackedGenerator:
         return getattr(self._shared, name)
 
     def generate(self, request, generation_args, progress_callback=None):
-        ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        try:
+            ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        except ClusterError as e:
+            self._handler._error = e  # a server error (mlx-lm answers 404 to every failure here)
+            raise
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None),
                                 batched=self._shared._is_batchable(generation_args))
         if ctx.tool_parser is parse_tool_call:
@@ -258,91 +262,17 @@ class _TrackedGenerator:
         return ctx, tracker.follow(responses)
 
 
-def _thinking_from_request(body: dict) -> Optional[str]:
-    """The thinking mode a request asks for (None: the server's default); ValueError if malformed."""
-    kwargs = body.get("chat_template_kwargs") or {}
-    asked = {}
-    if "thinking_mode" in kwargs or "enable_thinking" in kwargs:
-        asked["chat_template_kwargs"] = resolve_thinking_mode(kwargs.get("thinking_mode"), kwargs.get("enable_thinking"))
-    thinking = body.get("thinking")
-    if thinking is not None:
-        kind = thinking.get("type") if isinstance(thinking, dict) else thinking
-        if kind not in THINKING_MODES:
-            raise ValueError(f"thinking.type must be one of {', '.join(THINKING_MODES)}, got {kind!r}")
-        asked["thinking"] = kind
-    effort = body.get("reasoning_effort")
-    if effort is not None:
-        if effort not in REASONING_EFFORT:
-            raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORT)}, got {effort!r}")
-        asked["reasoning_effort"] = REASONING_EFFORT[effort]
-    modes = set(asked.values()) - {None}
-    if len(modes) > 1:
-        raise ValueError(f"conflicting thinking modes in one request: {asked}")
-    return modes.pop() if modes else None
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        if content is None and m["role"] != "assistant":  # only a reply with tool calls may have none
-            raise ValueError(f"messages[{i}].content must be given for role {m['role']!r}")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
-        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
-            raise ValueError(f"messages[{i}].tool_calls must be a list")
-        for j, call in enumerate(m.get("tool_calls") or []):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise ValueError(f"messages[{i}].tool_calls[{j}] must have function.name")
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}") from None
-            if args is not None and not isinstance(args, dict):
-                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
-
-
-def _check_tools(tools: Any) -> None:
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise ValueError("tools must be a list")
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        if "parameters" in fn and not isinstance(fn["parameters"], dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
-
-
-def _check_stop(stop: Any) -> None:
-    if stop is None or isinstance(stop, str):
-        return
-    if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
-        raise ValueError("stop must be a string or a list of non-empty strings")
-
-
-class MiniMaxAPIHandler(APIHandler):
-    """mlx-lm's handler, plus request checks, the per-request thinking mode, the context
-    limit, OpenAI-shaped error bodies and a /v1/models that needs no Hugging Face cache."""
+class MiniMaxAPIHandler(AccessControl, APIHandler):
+    """mlx-lm's handler, plus access checks (access.py), request checks, the thinking mode,
+    the context limit, OpenAI-shaped errors and a /v1/models needing no Hugging Face cache."""
 
     def setup(self):
         super().setup()
         self.wfile = OpenAIErrorBodies(self, self.wfile)
 
     def send_response(self, code, message=None):
+        if code == 404 and isinstance(getattr(self, "_error", None), ClusterError):
+            code = 500
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
@@ -467,6 +397,8 @@ class MiniMaxAPIHandler(APIHandler):
         self.response_generator, self._reply = _TrackedGenerator(shared, self), None
         try:
             super().handle_completion(request, stop_words)
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-reply: no traceback
+            logging.info("the client closed the connection before the reply ended")
         finally:
             self.response_generator, self._reply = shared, None
 
@@ -493,7 +425,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
     p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
                    help="thinking mode of requests that name none (default: adaptive, the template's own)")
-    p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
+    add_access_arguments(p)
+    p.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
+                   help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
     p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
     p.add_argument("--chat-template-args", type=json_object, default="{}",
                    help="JSON of extra chat template arguments for every request")
@@ -533,13 +467,21 @@ def check_batching(args: argparse.Namespace) -> None:
 
 
 class Server:
-    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread."""
+    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread.
+    Under mlx.launch only rank 0 listens; the other ranks follow it (cluster.py)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
         check_batching(self.args)
+        if mx.distributed.init().rank() == 0:  # the rank that listens
+            settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
+        self.httpd, self.host, self.port, self._thread = None, None, None, None
+        if self.response_generator.follows:
+            self.response_generator.wait_loaded()
+            follow_signals()
+            return
         try:
             infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as e:
@@ -559,7 +501,6 @@ class Server:
             self.response_generator.stop_and_join()
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
-        self._thread: Optional[threading.Thread] = None
         try:
             self.response_generator.wait_loaded()
         except BaseException:
@@ -567,6 +508,9 @@ class Server:
             raise
 
     def serve_forever(self) -> None:
+        if self.httpd is None:  # a following rank
+            self.response_generator.join()
+            return
         logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")
         self.httpd.serve_forever()
 
@@ -580,7 +524,8 @@ class Server:
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
-        self.httpd.server_close()
+        if self.httpd is not None:
+            self.httpd.server_close()
         self.response_generator.stop_and_join()
 
 
@@ -588,7 +533,8 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
     server = Server(args)
-    print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
+    if server.httpd is not None:
+        print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
