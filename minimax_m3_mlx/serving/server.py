@@ -54,6 +54,7 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import load, resolve_path
+from .generate import add_cache_args, apply_cache_args
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
@@ -89,6 +90,7 @@ class MiniMaxModelProvider(ModelProvider):
         model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
                                 thinking=self.cli_args.thinking)
 
+        apply_cache_args(model, self.cli_args)  # --index-bits on the caches mlx-lm makes
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
@@ -376,6 +378,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass")
     p.add_argument("--prompt-cache-size", type=int, default=10, help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=_parse_size, default=None, help="most bytes of KV caches kept")
+    add_cache_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -384,7 +387,8 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
                     use_default_chat_template=False, decode_concurrency=1, prompt_concurrency=1,
-                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False)
+                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False,
+                    index_bits=None)
     for k, v in defaults.items():
         if not hasattr(args, k):
             setattr(args, k, v)
@@ -396,6 +400,8 @@ class Server:
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
+        if self.args.index_bits in (4, 8) and self.args.kv_bits is None:
+            raise ValueError(f"--index-bits {self.args.index_bits} quantizes the index keys and needs --kv-bits")
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
         infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
