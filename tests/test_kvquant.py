@@ -131,3 +131,32 @@ def test_bytes_per_token_real_widths():
     per_layer_kv, per_layer_idx = cache_bytes(args, n, layers=(3, 4), kv_bits=4, index_bits=8, group_size=64)
     assert q.nbytes == per_layer_kv + per_layer_idx
     assert (per_layer_kv / n, per_layer_idx / n) == (576, 136)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layer_error_within_3x_of_dense_layer(model, dtype, bits):
+    """Same inputs, one layer: the sparse layer over its quantized cache (gathered triples,
+    8-bit index keys) errs within 3x of a full-attention layer over mlx-lm's QuantizedKVCache."""
+    from mlx_lm.models.cache import KVCache
+
+    x = mx.random.normal((1, PROMPT, model.args.hidden_size), key=mx.random.key(1)).astype(dtype)
+    x1 = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(2)).astype(dtype)
+    errs = {}
+    for li in (0, 1):
+        attn = model.layers[li].self_attn
+        attn.set_dtype(dtype)
+        try:
+            make = (lambda: SparseKVCache(attn.block_size)) if attn.is_sparse else KVCache
+            c = make()
+            attn(x, c)
+            ref = np.array(attn(x1, c).astype(mx.float32))
+            c = make()
+            attn(x, c)
+            c = c.to_quantized(GS, bits)
+            assert type(c) is (QuantizedSparseKVCache if attn.is_sparse else QuantizedKVCache)
+            errs[li] = _rel_rms(np.array(attn(x1, c).astype(mx.float32)), ref)
+        finally:
+            attn.set_dtype(mx.float32)
+    print(f"\n{dtype} {bits}-bit: sparse layer {errs[1]:.4f}, dense layer {errs[0]:.4f}")
+    assert errs[1] < 3 * errs[0]
