@@ -32,6 +32,46 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a MiniMax-M3 model."""
 
 
+# Keys without which a config does not say which model it is: the defaults below are the
+# real model's sizes, and a config that silently took them would fail later on tensor shapes.
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+REQUIRED_MOE = ("intermediate_size", "num_local_experts", "num_experts_per_tok", "shared_intermediate_size")
+REQUIRED_DENSE = ("dense_intermediate_size",)
+REQUIRED_SPARSE = ("index_n_heads", "index_head_dim", "index_block_size", "index_topk_blocks")
+INT_KEYS = REQUIRED + REQUIRED_MOE + REQUIRED_DENSE + REQUIRED_SPARSE + (
+    "head_dim", "max_position_embeddings", "rotary_dim", "index_local_blocks", "projector_hidden_size",
+    "image_token_index", "video_token_index")
+FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit",
+              "partial_rotary_factor")
+OBJECT_KEYS = ("text_config", "sparse_attention_config", "rope_parameters", "rope_scaling", "vision_config",
+               "quantization", "quantization_config")
+
+
+def _check_types(c: Dict[str, Any], where: str = "") -> None:
+    for key in INT_KEYS:
+        v = c.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ConfigError(f"{where}{key}: must be an integer, got {v!r}")
+    for key in FLOAT_KEYS:
+        v = c.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ConfigError(f"{where}{key}: must be a number, got {v!r}")
+    for key in OBJECT_KEYS:
+        v = c.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{where}{key}: must be an object, got {v!r}")
+    if "tie_word_embeddings" in c and not isinstance(c["tie_word_embeddings"], bool):
+        raise ConfigError(f"{where}tie_word_embeddings: must be true or false, got {c['tie_word_embeddings']!r}")
+
+
+def _require(c: Dict[str, Any], keys, why: str = "") -> None:
+    legacy = {flat: f"{flat} (or sparse_attention_config.{old})" for old, flat in _SPARSE_KEYS.items()}
+    missing = [legacy.get(k, k) for k in keys if c.get(k) is None]
+    if missing:
+        raise ConfigError(f"{missing[0]}: required{why}, and config.json has none (neither in text_config nor at "
+                          f"the top level)" + (f"; also missing: {', '.join(missing[1:])}" if missing[1:] else ""))
+
+
 @dataclass
 class ModelArgs:
     model_type: str = "minimax_m3_vl"
@@ -90,7 +130,9 @@ class ModelArgs:
         """Build from a whole config.json (top level and `text_config` merged)."""
         if not isinstance(config, dict):
             raise ConfigError(f"config must be a JSON object, got {type(config).__name__}")
+        _check_types(config)
         text = dict(config.get("text_config") or {})
+        _check_types(text, "text_config.")
         top = {k: v for k, v in config.items() if k != "text_config"}
         # Text keys live in text_config in the published config; a flat config (or an
         # mlx-lm style one) has them at the top. text_config wins where both exist.
@@ -110,6 +152,8 @@ class ModelArgs:
             config = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(config)
@@ -121,6 +165,11 @@ class ModelArgs:
 
         # Sparse attention: nested original spelling, or flat transformers spelling.
         sparse_cfg = c.get("sparse_attention_config") or {}
+        for legacy in _SPARSE_KEYS:
+            v = sparse_cfg.get(legacy)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ConfigError(f"sparse_attention_config.{legacy}: must be an integer, got {v!r}")
+        _require(c, REQUIRED)
         for legacy, flat in _SPARSE_KEYS.items():
             if legacy in sparse_cfg:
                 if flat in c and c[flat] != sparse_cfg[legacy]:
@@ -144,6 +193,13 @@ class ModelArgs:
             legacy_map=lambda f: "sparse" if f else "dense",
             default="sparse",
         )
+
+        if "sparse" in kw["mlp_layer_types"]:
+            _require(c, REQUIRED_MOE, " (the model has MoE layers)")
+        if "dense" in kw["mlp_layer_types"]:
+            _require(c, REQUIRED_DENSE, " (the model has dense MLP layers)")
+        if SPARSE_ATTENTION in kw["layer_types"]:
+            _require({**c, **kw}, REQUIRED_SPARSE, " (the model has sparse attention layers)")
 
         heads = int(c.get("num_attention_heads", cls.num_attention_heads))
         kw["head_dim"] = int(c.get("head_dim") or int(c.get("hidden_size", cls.hidden_size)) // heads)

@@ -39,7 +39,8 @@ from mlx_lm.models.cache import CacheList, KVCache  # noqa: E402
 from masked_reference import masked_forward  # noqa: E402
 
 
-REAL = dict(hidden_size=6144, num_attention_heads=64, num_key_value_heads=4, head_dim=128, rotary_dim=64,
+REAL = dict(vocab_size=200064, dense_intermediate_size=12288,
+            hidden_size=6144, num_attention_heads=64, num_key_value_heads=4, head_dim=128, rotary_dim=64,
             rope_theta=5e6, index_n_heads=4, index_head_dim=128, index_block_size=128, index_topk_blocks=16,
             index_local_blocks=1, max_position_embeddings=1 << 21, num_hidden_layers=1)
 GB = 1 << 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 from pathlib import Path
 
@@ -65,3 +66,33 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="JSON object"):
         ModelArgs.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("config, key", [
+    ({}, "vocab_size: required"),
+    ({"text_config": {}}, "vocab_size: required"),
+    (_bad(lambda t: t.pop("hidden_size")), "hidden_size: required"),
+    (_bad(lambda t: t.pop("num_local_experts")), "num_local_experts: required"),
+    (_bad(lambda t: t.pop("dense_intermediate_size")), "dense_intermediate_size: required"),
+    (_bad(lambda t: t["sparse_attention_config"].pop("sparse_num_index_heads")),
+     "index_n_heads (or sparse_attention_config.sparse_num_index_heads): required"),
+    (_bad(lambda t: t.update(num_hidden_layers="four")), "text_config.num_hidden_layers: must be an integer"),
+    (_bad(lambda t: t.update(hidden_size=64.0)), "text_config.hidden_size: must be an integer"),
+    (_bad(lambda t: t.update(rms_norm_eps="small")), "text_config.rms_norm_eps: must be a number"),
+    (_bad(lambda t: t.update(tie_word_embeddings="no")), "tie_word_embeddings: must be true or false"),
+    (_bad(lambda t: t["sparse_attention_config"].update(sparse_block_size="4")),
+     "sparse_attention_config.sparse_block_size: must be an integer"),
+    (_bad(lambda t: t.update(sparse_attention_config=[1])), "sparse_attention_config: must be an object"),
+    ({**synthetic.tiny_config(), "text_config": "tiny"}, "text_config: must be an object"),
+])
+def test_missing_and_mistyped_keys_are_named(config, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        ModelArgs.from_dict(config)
+
+
+def test_flat_config_needs_the_same_keys():
+    flat = {**synthetic.tiny_config()["text_config"]}
+    ModelArgs.from_dict(flat)  # mlx-lm style: text keys at the top level
+    flat.pop("vocab_size")
+    with pytest.raises(ConfigError, match="vocab_size: required"):
+        ModelArgs.from_dict(flat)

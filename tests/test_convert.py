@@ -568,6 +568,7 @@ class VisionSources:
                 path.mkdir()
                 synthetic.write_safetensors(path / "model.safetensors", tensors)
                 (path / "config.json").write_text(json.dumps(cfg))
+                synthetic.write_tiny_tokenizer(path, cfg)  # convert refuses a source without one
             self.paths[layout] = path
         return self.paths[layout]
 

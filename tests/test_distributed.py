@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -451,6 +452,23 @@ def test_generate_cli_under_mlx_launch(ckpts):
     assert both.returncode == 0, both.stdout[-2000:] + both.stderr[-2000:]
     assert both.stdout.count("=" * 10) == 2  # one rank printed
     assert answer(both.stdout) == answer(alone.stdout)
+    assert "[ring]" not in both.stderr, both.stderr[-2000:]  # the ranks end together, no socket errors
+
+
+def test_generate_cli_under_mlx_launch_fails_on_every_rank(tmp_path):
+    """A mistake under mlx.launch: a rank prints one error line and exits 1 (mlx.launch 0.32
+    itself exits 0 whatever its ranks do, but names each rank that failed)."""
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--python", sys.executable, "-m", "minimax_m3_mlx",
+                          "generate", "--model", str(tmp_path / "missing")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240)
+    out = run.stdout + run.stderr
+    assert "Traceback" not in out
+    assert out.count("minimax-m3 generate: error: ") >= 1 and "not a local folder" in out
+    # the first rank to fail exits 1; the launcher then stops the other (-15) unless it failed too
+    codes = dict(re.findall(r"rank (\d) exited with code (-?\d+)", out))
+    assert set(codes) == {"0", "1"} and set(codes.values()) <= {"1", "-15"} and "1" in codes.values(), out
 
 
 def test_sharded_load_sets_vision_aside(tmp_path):

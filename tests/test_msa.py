@@ -17,7 +17,8 @@ from minimax_m3_mlx.model.attention import Attention
 from minimax_m3_mlx.model.cache import SparseKVCache
 from minimax_m3_mlx.config import ModelArgs
 
-DIMS = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+DIMS = dict(vocab_size=256, dense_intermediate_size=64,
+            hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16, rotary_dim=8,
             index_n_heads=2, index_head_dim=16, index_block_size=8, index_topk_blocks=4,
             num_hidden_layers=1, layer_types=["minimax_m3_sparse"], mlp_layer_types=["dense"])
 

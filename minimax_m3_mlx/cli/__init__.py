@@ -1,9 +1,16 @@
-"""`minimax-m3 <command>`: one entry point, one module per command."""
+"""`minimax-m3 <command>`: one entry point, one module per command.
+
+Every command's errors end here: a mistake prints one line, `minimax-m3 CMD: error: ...`,
+and exits non-zero; `--verbose` (anywhere on the command line) or MINIMAX_M3_VERBOSE=1
+adds the traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
 # command -> (module, help). Each module has `main(argv: list[str] | None) -> int | None`.
 COMMANDS = {
@@ -14,21 +21,57 @@ COMMANDS = {
     "server": ("minimax_m3_mlx.serving.server", "OpenAI-compatible server (mlx-lm's)"),
     "plan": ("minimax_m3_mlx.cli.plan", "memory plan for one or more Macs"),
 }
+# What Ctrl-C means for a command, when it is more than "stopped".
+INTERRUPTED = {
+    "convert": "interrupted; rerun the same command to resume (the shards written so far are kept)",
+}
+VERBOSE_ENV = "MINIMAX_M3_VERBOSE"
+
+# Errors that are the user's input (a path, a file, a value, a missing optional package):
+# their message is the whole story. Anything else is a bug of ours, and says so.
+KNOWN_ERRORS = (ValueError, OSError, ImportError, MemoryError)
+
+
+def describe(e: BaseException) -> str:
+    """One line for an exception."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    msg = " ".join(msg.split())
+    if not isinstance(e, KNOWN_ERRORS):
+        msg = f"{type(e).__name__}: {msg} (unexpected; rerun with --verbose for the traceback)"
+    return msg
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
     available = {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in available:
-        print("usage: minimax-m3 <command> [options]\n\ncommands:")
+        print("usage: minimax-m3 <command> [options] [--verbose]\n\ncommands:")
         for name, (_, help_) in available.items():
             print(f"  {name:<10} {help_}")
+        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            print(f"minimax-m3: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(available[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    prog = f"minimax-m3 {argv[0]}"
+    try:
+        module = importlib.import_module(available[argv[0]][0])
+        return module.main(argv[1:]) or 0
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print(f"\n{prog}: {INTERRUPTED.get(argv[0], 'interrupted')}", file=sys.stderr)
+        return 130
+    except Exception as e:  # SystemExit (argparse, --help) passes through
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

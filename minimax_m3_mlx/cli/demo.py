@@ -19,20 +19,26 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 
 from .. import synthetic
+from ..arg_types import positive_int, seed
 from ..loading import load
+from ..serving.generate import reply_room
 from ..sizes import ceil_div
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="minimax-m3 demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", default="mxfp8", help="checkpoint layout to write (original, resave, mxfp8, "
-                                                      "fp8_ue8m0, fp8)")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--layout", default="mxfp8", choices=synthetic.LAYOUTS, help="checkpoint layout to write")
+    p.add_argument("--max-tokens", type=positive_int, default=48)
     p.add_argument("--prompt", default="Tell me about sparse attention.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", default=None, help="write the checkpoint here and keep it")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--keep", default=None, help="write the checkpoint here and keep it (a new or empty folder)")
     args = p.parse_args(argv)
+    if args.keep:  # never write over another model's files
+        keep = Path(args.keep)
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            p.error(f"--keep {keep}: " + ("not empty; choose a new or empty folder" if keep.is_dir() else
+                                          "a file; choose a new or empty folder"))
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="minimax-m3-demo-"))
     try:
@@ -57,7 +63,10 @@ def main(argv=None) -> int:
         mx.random.seed(args.seed)
         print("--- generated (random weights: noise) ---")
         last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens):
+        max_tokens = min(args.max_tokens, reply_room(model, len(prompt)))  # the tiny model's context is short
+        if max_tokens < args.max_tokens:
+            print(f"(--max-tokens {args.max_tokens} is past the context: generating {max_tokens})")
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
             print(last.text, end="", flush=True)
         print("\n---")
         if last is not None:

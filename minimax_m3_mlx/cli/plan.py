@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..arg_types import non_negative_float, positive_int
 from ..config import ModelArgs
 from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
@@ -58,7 +59,7 @@ def recipe_policy(name: str):
     m = UNIFORM.match(name)
     if m:
         return uniform_policy(int(m.group(1)), 64, "affine")
-    raise SystemExit(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
+    raise ValueError(f"--recipe {name!r}: unknown; choose from {', '.join(recipe_names())}")
 
 
 def recipe_table(config: dict, recipe: str, dtype: Optional[str] = None) -> Dict[str, TensorInfo]:
@@ -167,9 +168,11 @@ def parse_hosts(spec: str) -> List[float]:
         elif re.fullmatch(r"\d+(?:\.\d+)?", part):
             out.append(float(part))
         else:
-            raise SystemExit(f"--hosts {spec!r}: expected NxGB (2x192) or a list of GB (192,128)")
+            raise ValueError(f"--hosts {spec!r}: expected NxGB (2x192) or a list of GB (192,128)")
     if not out:
-        raise SystemExit("--hosts: no hosts")
+        raise ValueError(f"--hosts {spec!r}: no hosts")
+    if min(out) <= 0:
+        raise ValueError(f"--hosts {spec!r}: every host needs some memory, got {min(out):g} GB")
     return out
 
 
@@ -207,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--recipe", help=f"conversion recipe: {', '.join(recipe_names())}")
     src.add_argument("--model", help="a converted (or published) checkpoint folder: plan from its headers")
     ap.add_argument("--config", help="config.json of the model (default: the real MiniMax-M3)")
-    ap.add_argument("--context", type=int, default=32768, help="tokens of context per sequence (default 32768)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prefill-chunk", type=int, default=2048, help="prefill step size (mlx-lm default 2048)")
+    ap.add_argument("--context", type=positive_int, default=32768, help="tokens of context per sequence (default 32768)")
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--prefill-chunk", type=positive_int, default=2048, help="prefill step size (mlx-lm default 2048)")
     ap.add_argument("--dtype", choices=list(FLOAT_TAGS), help="float dtype (default: config's)")
-    ap.add_argument("--reserve-gb", type=float, default=8.0,
+    ap.add_argument("--reserve-gb", type=non_negative_float, default=8.0,
                     help="memory left to macOS and other programs on each Mac (default 8)")
     ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
     ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized cache (as generate/server --kv-bits)")
@@ -227,7 +230,11 @@ def _source(a) -> Tuple[dict, Dict[str, TensorInfo], str]:
     if a.model:
         ck = inspect_checkpoint(a.model)
         return ck.config, ck.table, f"checkpoint {a.model}"
-    config = json.loads(Path(a.config or REAL_CONFIG).read_text())
+    config_path = Path(a.config or REAL_CONFIG)
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {config_path}: not valid JSON ({e})") from None
     recipe = a.recipe or "mac-256gb"
     return config, recipe_table(config, recipe, a.dtype), f"recipe {recipe}"
 
@@ -239,7 +246,7 @@ def _layouts(kind: str, n: int) -> List[Tuple[int, int]]:
                    if (kind == "tensor" and p == 1) or (kind == "pipeline" and t == 1 and p > 1)
                    or (kind == "both" and t > 1 and p > 1)]
         if not layouts:
-            raise SystemExit(f"--layout {kind}: not possible with {n} host(s)")
+            raise ValueError(f"--layout {kind}: not possible with {n} host(s)")
     return layouts
 
 
@@ -260,9 +267,17 @@ def _print_recommendation(best: Optional[LayoutPlan], why: str) -> int:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     hosts = parse_hosts(a.hosts)
+    if min(hosts) <= a.reserve_gb:
+        raise ValueError(f"--hosts {a.hosts}: a host of {min(hosts):g} GB has nothing left after --reserve-gb "
+                         f"{a.reserve_gb:g}")
     config, table, what = _source(a)
     args = ModelArgs.from_dict(config)
+    if a.context > args.max_position_embeddings:
+        raise ValueError(f"--context {a.context}: past the model's context of {args.max_position_embeddings} "
+                         f"tokens (max_position_embeddings)")
     dtype = a.dtype or config_dtype(config)
+    if dtype not in FLOAT_TAGS:
+        raise ValueError(f"the config's dtype {dtype!r} is not a float dtype; pass --dtype")
     dtype_bytes = DTYPES[FLOAT_TAGS[dtype]].itemsize
     cache_quant = dict(kv_bits=a.kv_bits, index_bits=a.index_bits, group_size=a.kv_group_size)
     plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes,

@@ -157,11 +157,12 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
             recipe: Optional[str] = None, overwrite: bool = False, revision: Optional[str] = None,
             shard_bytes: int = int(DEFAULT_SHARD_GB * (1 << 30)), chunk_elements: int = CHUNK_ELEMENTS,
             progress: bool = True, log=print, vision_bits: Optional[int] = None,
-            drop_vision: bool = False) -> ConvertResult:
+            drop_vision: bool = False, tokenizer: Optional[str] = None) -> ConvertResult:
     """Convert `hf_path` to an MLX model at `mlx_path` (see the module docstring).
 
     vision_bits: the vision tower's Linear layers when quantising: 8 (8-bit affine, the
     default) or 16 (unquantised, in the output dtype). drop_vision: a text-only model.
+    tokenizer: a folder to take the tokenizer files from (default: the source's own).
     """
     t0 = time.time()
     out = Path(mlx_path).expanduser().absolute()
@@ -169,7 +170,10 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     if drop_vision and vision_bits is not None:
         raise ConvertError("--vision-bits: nothing to set with --drop-vision; drop one of them")
     policy = make_policy_or_fail(quantize, q_bits, q_group_size, q_mode, recipe, vision_bits)
+    if revision is not None and Path(hf_path).expanduser().is_dir():
+        raise ConvertError(f"--revision {revision}: {hf_path} is a local folder; --revision picks a repo revision")
     src = resolve_source(hf_path, revision)
+    tokenizer_src = _tokenizer_source(src, tokenizer)
     if out == src.resolve() or src.resolve() in out.parents or out in src.resolve().parents:
         raise ConvertError(f"--mlx-path {out} overlaps the source folder {src}")
     config = read_source_config(src)
@@ -183,14 +187,14 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False, q
     tmp = out.parent / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     with _exclusive(out.parent / f".{out.name}.lock"):
-        result = _write(src, out, tmp, config, args, plan, overwrite, progress, log)
+        result = _write(src, out, tmp, config, args, plan, overwrite, progress, log, tokenizer_src)
     result.seconds = time.time() - t0
     log(summary(result, plan))
     return result
 
 
 def _write(src: Path, out: Path, tmp: Path, config: dict, args: ModelArgs, plan: Plan, overwrite: bool,
-           progress: bool, log) -> "ConvertResult":
+           progress: bool, log, tokenizer_src: Optional[Path] = None) -> "ConvertResult":
     """Write (or finish) the partial folder, then move it into place."""
     manifest, done = Manifest.resume(tmp, plan.digest(weight_files(src), config), plan, log)
     if done:
@@ -206,11 +210,25 @@ def _write(src: Path, out: Path, tmp: Path, config: dict, args: ModelArgs, plan:
     write_index(tmp, plan)
     (tmp / "config.json").write_text(json.dumps(output_config(config, plan), indent=4))
     (tmp / MODEL_FILE).write_text(MODEL_FILE_TEXT)
-    copy_tokenizer(src, tmp)
+    copy_tokenizer(tokenizer_src or src, tmp)
     (tmp / MANIFEST).unlink()
     _publish(tmp, out, overwrite)
     return ConvertResult(out, sum(s.size for s in plan.shards), plan.tensor_bytes, plan.n_params, len(plan.shards),
                          len(done), items_run, 0.0)
+
+
+def _tokenizer_source(src: Path, tokenizer: Optional[str]) -> Path:
+    """The folder the output's tokenizer comes from; checked now, because an output without
+    one converts for an hour and then does not load."""
+    folder = Path(tokenizer).expanduser() if tokenizer else src
+    if tokenizer and not folder.is_dir():
+        raise ConvertError(f"--tokenizer {tokenizer}: not a folder")
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if tokenizer:
+            raise ConvertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise ConvertError(f"{src} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the output "
+                           f"would not load: pass --tokenizer FOLDER, a folder holding the model's tokenizer")
+    return folder
 
 
 @contextlib.contextmanager

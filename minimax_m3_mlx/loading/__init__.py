@@ -14,10 +14,10 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..chat_format.tokenizer import configure_tokenizer
 from ..io import CheckpointError
-from .checkpoint import get_model_classes, load_model, resolve_path
+from .checkpoint import check_folder, get_model_classes, load_model, resolve_path
 from .sharded import load_sharded
 
-__all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path"]
+__all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path", "check_folder"]
 
 
 def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] = None, *,

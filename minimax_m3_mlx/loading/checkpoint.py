@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 
 from ..config import ModelArgs
 from ..io import CheckpointError
-from ..io.reader import load_arrays
+from ..io.reader import load_arrays, read_header, weight_files
 from ..model import Model
 from ..weights.quant import MX_BLOCK
 from ..weights.sanitize import has_vision_tensors, sanitize
@@ -42,6 +42,17 @@ def resolve_path(path_or_repo: str | Path) -> Path:
         raise CheckpointError(
             f"{path_or_repo}: not a local folder, and not a repo id in the local Hugging Face cache"
         ) from None
+
+
+def check_folder(path: Path) -> None:
+    """What makes a folder unloadable, found from its config and file headers alone (the
+    server checks before it listens: the weights load in its generation thread, where a
+    failure could only be logged)."""
+    ModelArgs.from_file(path)
+    for f in weight_files(path):
+        read_header(f)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
 def read_config(path: Path) -> Tuple[dict, ModelArgs]:

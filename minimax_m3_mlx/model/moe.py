@@ -5,10 +5,45 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..config import ModelArgs
 from .layers import DenseMLP, swiglu_oai
+
+
+_GATHER_MM_DTYPES: dict = {}
+
+
+def gather_mm_supports(dtype) -> bool:
+    """Whether the default device's `gather_mm` takes `dtype` (MLX's CPU backend takes only
+    float32 in 0.32; Metal takes bf16/fp16). Probed once per device and dtype on a 1x1 case."""
+    key = (str(mx.default_device()), dtype)
+    if key not in _GATHER_MM_DTYPES:
+        try:
+            one = mx.ones((1, 1, 1), dtype=dtype)
+            mx.eval(mx.gather_mm(one, one, rhs_indices=mx.array([0], dtype=mx.uint32)))
+            _GATHER_MM_DTYPES[key] = True
+        except (RuntimeError, ValueError):
+            _GATHER_MM_DTYPES[key] = False
+    return _GATHER_MM_DTYPES[key]
+
+
+class ExpertLinear(SwitchLinear):
+    """mlx-lm's SwitchLinear that runs in float32 where the backend has no bf16/fp16 `gather_mm`.
+
+    Without this an unquantised bf16 model (or the layers a quantised one leaves
+    unquantised) stops with "[GatherMM::eval] Currently only supports float32" on Linux.
+    Upcasting the expert weights costs a float32 copy of them per call, which is why it is
+    done only where the backend needs it; quantised experts (gather_qmm) never come here.
+    """
+
+    def __call__(self, x, indices, sorted_indices=False):
+        dtype = self["weight"].dtype
+        if dtype == mx.float32 or gather_mm_supports(dtype):
+            return super().__call__(x, indices, sorted_indices=sorted_indices)
+        y = mx.gather_mm(x.astype(mx.float32), self["weight"].astype(mx.float32).swapaxes(-1, -2),
+                         rhs_indices=indices, sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
 
 
 class Router(nn.Module):
@@ -42,6 +77,11 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = SwitchGLU(
             args.hidden_size, args.intermediate_size, args.num_local_experts, activation=swiglu_oai(args)
         )
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = getattr(self.switch_mlp, name)
+            setattr(self.switch_mlp, name, ExpertLinear(old.input_dims, old.output_dims, old.num_experts, bias=False))
+        gather_mm_supports(mx.bfloat16)  # probe outside any compiled graph
+        gather_mm_supports(mx.float16)
         self.shared_experts = DenseMLP(args, args.shared_intermediate_size)
         self.routed_scaling_factor = args.routed_scaling_factor
 

@@ -58,11 +58,14 @@ class ChatSession:
         # The cache is kept: the system and developer turns stay a shared prefix.
 
     def ask(self, text: str, on_text=None):
-        self.messages.append({"role": "user", "content": text})
-        prompt = chat_prompt(self.tokenizer, self.messages, thinking=self.thinking)
+        """One turn. A message the model cannot take (e.g. past the context limit) raises
+        ValueError and leaves the conversation as it was."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        prompt = chat_prompt(self.tokenizer, messages, thinking=self.thinking)
         gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=self.sampler,
                        prompt_cache=self.cache, prefill_step_size=self.prefill_step_size, on_text=on_text,
                        **self.cache_options)
+        self.messages = messages
         reply = {"role": "assistant", "content": gen.text}
         if gen.reasoning:
             reply["reasoning_content"] = gen.reasoning
@@ -77,9 +80,8 @@ def main(argv=None, input_fn=input) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     if mx.distributed.init().size() > 1:
-        print("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
-              "`minimax-m3 server`", file=sys.stderr)
-        return 2
+        raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
+                         "`minimax-m3 server`")
     model, tokenizer = load(args.model, thinking=args.thinking)
     try:
         apply_cache_args(model, args)
@@ -119,8 +121,14 @@ def main(argv=None, input_fn=input) -> int:
                 session.thinking = mode
                 print(f"[thinking {mode}]")
             continue
-        gen = session.ask(query, on_text=printer)
+        try:
+            gen = session.ask(query, on_text=printer)
+        except ValueError as e:  # e.g. past the context limit: this message is dropped, the rest kept
+            print(f"[error: {e}; the message was not sent]")
+            continue
         printer.finish(gen)
+        if gen.context_full:
+            print("[the reply stopped at the context limit; /reset starts a new conversation]")
         if args.stats:
             print(f"[prompt: {gen.prompt_tokens} tokens ({gen.cached_tokens} cached), "
                   f"{gen.prompt_tps:.1f} tokens-per-sec; generation: {gen.generation_tokens} tokens, "

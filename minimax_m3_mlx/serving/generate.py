@@ -35,6 +35,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
+from ..arg_types import non_negative_float, non_negative_int, number, positive_float, positive_int, probability, seed
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
 from ..loading import load, resolve_path
@@ -122,7 +123,11 @@ class PromptCache:
 
     @classmethod
     def load(cls, path: str, model, model_path: str) -> "PromptCache":
-        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        try:
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        except (RuntimeError, ValueError, KeyError) as e:  # MLX's loader raises RuntimeError on a bad file
+            raise ValueError(f"{path}: not a prompt cache file ({e}); delete it or pass another "
+                             f"--prompt-cache-file") from None
         if meta.get("config_sha256") != cls.fingerprint(model_path):
             raise ValueError(
                 f"{path} was written for another model ({meta.get('model')!r}); "
@@ -150,6 +155,30 @@ class Generation:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
+    context_full: bool = False  # stopped because the context limit was reached
+
+
+class ContextLimitError(ValueError):
+    """A prompt that leaves no room for a reply in the model's context."""
+
+
+def context_limit(model) -> Optional[int]:
+    args = getattr(model, "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+def reply_room(model, prompt_tokens: int) -> Optional[int]:
+    """How many tokens a reply to a prompt of `prompt_tokens` may have (None: no limit known).
+
+    mlx-lm's loop feeds each token it yields back to the model, so prompt + reply must fit.
+    """
+    limit = context_limit(model)
+    if limit is None:
+        return None
+    if prompt_tokens >= limit:
+        raise ContextLimitError(f"the prompt has {prompt_tokens} tokens; the model's context holds {limit} "
+                                f"(max_position_embeddings), the reply included")
+    return limit - prompt_tokens
 
 
 def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -167,6 +196,9 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     image's placeholder tokens are the same ids. `kv_bits` quantizes every layer's cache
     (index keys included) once it holds `quantized_kv_start` tokens (mlx-lm's switches).
     """
+    room = reply_room(model, len(prompt))  # before the cache is touched: a refusal changes nothing
+    capped = room is not None and (max_tokens < 0 or max_tokens > room)
+    max_tokens = room if capped else max_tokens
     cache = prompt_cache if prompt_cache is not None else PromptCache(model)
     if input_embeddings is not None:
         if cache.tokens:
@@ -206,6 +238,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
         out.prompt_tokens, out.prompt_tps = resp.prompt_tokens, resp.prompt_tps
         out.generation_tokens, out.generation_tps = resp.generation_tokens, resp.generation_tps
         out.peak_memory = resp.peak_memory
+    out.context_full = capped and out.finish_reason == "length"
     if prev_state == "tool" and tool_text:
         blocks.append("".join(tool_text))
     if input_embeddings is None:
@@ -282,17 +315,19 @@ def print_stats(gen: Generation, stream=None) -> None:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
     parser.add_argument("--system-prompt", default=None, help="system prompt")
-    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument("--max-tokens", "-m", type=number(int, lo=1, also=(-1,)), default=DEFAULT_MAX_TOKENS,
+                        help="most tokens to generate (-1: up to the context limit)")
+    parser.add_argument("--temp", type=non_negative_float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=number(float, lo=0, lo_open=True, hi=1), default=1.0,
+                        help="nucleus sampling top-p, in (0, 1]")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="top-k sampling (0: off)")
+    parser.add_argument("--min-p", type=probability, default=0.0, help="min-p sampling, in [0, 1] (0: off)")
+    parser.add_argument("--seed", type=seed, default=None, help="PRNG seed (0 to 2**64-1)")
     parser.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
                         help="reasoning: always (enabled), the model decides (adaptive, the template's default), "
                              "never (disabled)")
     parser.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
-    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass")
+    parser.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
     parser.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
                         help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
     add_cache_args(parser)
@@ -338,7 +373,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="reuse the KV cache in this file for the prompt's shared prefix, and save this run's")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
     parser.add_argument("--video", action="append", default=[], help="a video file (repeat for more)")
-    parser.add_argument("--video-fps", type=float, default=1.0, help="frames per second sampled from videos")
+    parser.add_argument("--video-fps", type=positive_float, default=1.0, help="frames per second sampled from videos")
     return parser
 
 
@@ -357,23 +392,29 @@ def media_prompt(model, tokenizer, args, messages):
 
 
 def main(argv=None) -> int:
-    args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens == 0 or args.max_tokens < -1:
-        print("--max-tokens must be positive (or -1 for no limit)", file=sys.stderr)
-        return 2
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    if mx.distributed.init().rank() != 0:  # every rank computes; rank 0 speaks
+    group = mx.distributed.init()
+    if group.rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
-    model, tokenizer = load(args.model, group=mx.distributed.init(), mode=args.parallel, thinking=args.thinking)
-
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
     media = args.image or args.video
     if media and (args.prompt_cache_file or args.ignore_chat_template):
-        print("--image/--video go through the chat template and cannot use --prompt-cache-file "
-              "(every image's placeholders are the same token ids)", file=sys.stderr)
-        return 2
+        parser.error("--image/--video go through the chat template and cannot use --prompt-cache-file "
+                     "or --ignore-chat-template (every image's placeholders are the same token ids)")
+    for flag, files in (("--image", args.image), ("--video", args.video)):
+        for f in files:
+            if not Path(f).is_file():
+                parser.error(f"{flag} {f}: no such file")
+    if args.prompt_cache_file:  # checked now, not after a long generation
+        f = Path(args.prompt_cache_file)
+        if f.is_dir() or not f.parent.is_dir():
+            parser.error(f"--prompt-cache-file {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking)
+
     embeddings = None
     if args.ignore_chat_template or not tokenizer.has_chat_template:
         ids = tokenizer.encode(prompt, add_special_tokens=True)
@@ -404,7 +445,23 @@ def main(argv=None) -> int:
     print("=" * 10)
     if not gen.tokens:
         print("No text generated for this prompt")
+    if gen.context_full:
+        print(f"[stopped at the context limit: {context_limit(model)} tokens]", file=sys.stderr)
     print_stats(gen)
     if args.prompt_cache_file:
         cache.save(args.prompt_cache_file, args.model)
+    if group.size() > 1:
+        end_together(group)
     return 0
+
+
+def end_together(group) -> None:
+    """Under mlx.launch: finish this rank's last collectives, then meet every other rank.
+
+    mlx-lm's loop leaves its precomputed next step (all-sums included) in flight, and a rank
+    that exits first closes sockets its peers still use: MLX's ring backend then logs a line
+    per failed transfer ("[ring] Receiving from socket N failed with errno 9").
+    """
+    mx.synchronize()
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    mx.synchronize()

@@ -51,9 +51,9 @@ def _processor_classes():
         from transformers.models.minimax_m3_vl.video_processing_minimax_m3_vl import MiniMaxM3VLVideoProcessor
     except (ImportError, RuntimeError) as e:
         raise ImportError(
-            "images and video need transformers' MiniMax-M3 processors, which need torchvision (and "
-            "Pillow): pip install torchvision pillow av. On Linux with the CPU-only torch, install the "
-            f"matching CPU wheel from https://download.pytorch.org/whl/cpu. ({type(e).__name__}: {e})"
+            "images and video need transformers' MiniMax-M3 processors, which need torchvision, Pillow "
+            "and PyAV: pip install \"minimax-m3-mlx[vision]\" (it pins a torch/torchvision pair that imports "
+            f"together; a CPU-only torch build cannot load PyPI's torchvision) ({type(e).__name__}: {e})"
         ) from None
     return MiniMaxM3VLProcessor, MiniMaxM3VLImageProcessor, MiniMaxM3VLVideoProcessor
 

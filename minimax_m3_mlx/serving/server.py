@@ -13,8 +13,13 @@ and streaming are used as they are); what differs:
   and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
   "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
   reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
-- requests are checked before they are queued (messages, roles, tools, thinking mode):
-  a malformed one gets 400 with a message, not an error from deep inside generation;
+- requests are checked before they are queued (messages, roles, tools, thinking mode,
+  the prompt's length against the context): a malformed one gets 400 with a message, not
+  an error from deep inside generation, and every refusal's body has OpenAI's shape,
+  `{"error": {"message", "type", "param", "code"}}` (mlx-lm writes `{"error": msg}`);
+- a reply stops at the context limit with finish_reason "length" (max_tokens is capped
+  to the room the prompt leaves);
+- /v1/models lists the served model whether or not a Hugging Face cache exists;
 - requests are served one at a time: mlx-lm's batched path would merge our caches into
   its BatchKVCache, which knows nothing of the sparse layers' index keys;
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
@@ -35,7 +40,9 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -50,11 +57,13 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
+from ..arg_types import json_object, non_negative_float, non_negative_int, number, port, positive_int, probability, size
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
-from ..loading import load, resolve_path
-from .generate import add_cache_args, apply_cache_args
+from ..loading import check_folder, load, resolve_path
+from .generate import ContextLimitError, add_cache_args, apply_cache_args, reply_room
+from .http_errors import OpenAIErrorBodies, RequestError
 
 
 ROLES = ("system", "developer", "root", "user", "assistant", "tool")
@@ -72,6 +81,7 @@ class MiniMaxModelProvider(ModelProvider):
     def __init__(self, cli_args):
         super().__init__(cli_args)
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
+        check_folder(path)
         for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
             self._model_map.setdefault(alias, cli_args.model)
 
@@ -100,11 +110,35 @@ class MiniMaxModelProvider(ModelProvider):
 
 
 class MiniMaxResponseGenerator(ResponseGenerator):
-    """mlx-lm's generation thread, which also frees its MLX streams when it ends.
+    """mlx-lm's generation thread, which also frees its MLX streams when it ends, and
+    which reports whether the served model loaded (`wait_loaded`).
 
     MLX 0.32 (CPU) can abort the process at exit ("terminate called without an active
     exception") when a thread that made a stream has ended without destroying it.
     """
+
+    def __init__(self, *args, **kwargs):
+        self.loaded = threading.Event()
+        self.load_error: Optional[BaseException] = None
+        super().__init__(*args, **kwargs)
+
+    def wait_loaded(self) -> None:
+        """Block until the served model is loaded (the request checks need its tokenizer
+        and context); raise the loader's error if it failed."""
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def _generate(self):
+        try:  # mlx-lm's thread would log a traceback and serve nothing: report it instead
+            self.model_provider.load_default()
+        except Exception as e:
+            self.load_error = e
+            self._generation_failed = True
+            return
+        finally:
+            self.loaded.set()
+        super()._generate()  # finds the model loaded
 
     def _run_generate(self):
         try:
@@ -246,6 +280,8 @@ def _check_messages(messages: Any) -> None:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        if content is None and m["role"] != "assistant":  # only a reply with tool calls may have none
+            raise ValueError(f"messages[{i}].content must be given for role {m['role']!r}")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -287,14 +323,45 @@ def _check_stop(stop: Any) -> None:
 
 
 class MiniMaxAPIHandler(APIHandler):
-    """mlx-lm's handler, plus request checks and the per-request thinking mode."""
+    """mlx-lm's handler, plus request checks, the per-request thinking mode, the context
+    limit, OpenAI-shaped error bodies and a /v1/models that needs no Hugging Face cache."""
+
+    def setup(self):
+        super().setup()
+        self.wfile = OpenAIErrorBodies(self, self.wfile)
+
+    def send_response(self, code, message=None):
+        self._status, self._body_started = code, False
+        super().send_response(code, message)
+
+    def end_headers(self):
+        super().end_headers()
+        self._body_started = True
 
     def validate_model_parameters(self) -> None:
-        super().validate_model_parameters()
+        self._error = None
+        try:
+            super().validate_model_parameters()
+        except ValueError as e:  # mlx-lm's names for two request fields
+            raise ValueError(str(e).replace("requested_model", "model").replace("adapter ", "adapters ")) from None
         try:
             self._check_request()
+        except RequestError as e:
+            self._error = e
+            raise
         except (TypeError, AttributeError, KeyError) as e:
             raise ValueError(f"malformed request: {type(e).__name__}: {e}") from None
+
+    def _check_context(self, prompt_tokens: int, param: str) -> None:
+        """Refuse a prompt that fills the context; cap max_tokens to the room it leaves, so
+        that a reply reaching the limit ends with finish_reason "length"."""
+        model = self.response_generator.model_provider.model
+        try:
+            room = reply_room(model, prompt_tokens)
+        except ContextLimitError as e:
+            raise RequestError(str(e), param=param, code="context_length_exceeded") from None
+        if room is not None and self.max_tokens > room:
+            self.max_tokens = room
 
     def _check_request(self) -> None:
         body = self.body
@@ -302,6 +369,13 @@ class MiniMaxAPIHandler(APIHandler):
             raise ValueError("chat_template_kwargs must be an object")
         if self.stream_options is not None and not isinstance(self.stream_options, dict):
             raise ValueError("stream_options must be an object")
+        if not isinstance((self.stream_options or {}).get("include_usage", False), bool):
+            raise ValueError("stream_options.include_usage must be true or false")
+        if body.get("n", 1) != 1:
+            raise ValueError(f"n must be 1 (one choice per request), got {body['n']!r}")
+        for key in ("adapters", "draft_model"):  # mlx-lm options this server does not offer
+            if body.get(key) is not None:
+                raise ValueError(f"{key} must be left out: not supported for MiniMax-M3")
         _check_stop(body.get("stop"))
         try:
             mode = _thinking_from_request(body)
@@ -317,23 +391,64 @@ class MiniMaxAPIHandler(APIHandler):
                 raise ValueError("the request has no messages")
             _check_messages(body["messages"])
             _check_tools(body.get("tools"))
-            self._check_template(body["messages"], body.get("tools") or None)
+            ids = self._check_template(body["messages"], body.get("tools") or None)
+            if ids is not None:
+                self._check_context(len(ids), "messages")
         elif not isinstance(body.get("prompt"), str):
             raise ValueError("prompt must be a string")
+        else:
+            tokenizer = self.response_generator.model_provider.tokenizer
+            if tokenizer is not None:
+                self._check_context(len(tokenizer.encode(body["prompt"])), "prompt")
 
-    def _check_template(self, messages, tools) -> None:
-        """Render the prompt once here so that a conversation the template refuses is a 400."""
+    def _check_template(self, messages, tools):
+        """Render the prompt once here so that a conversation the template refuses is a 400;
+        returns its token ids (None: the model has no chat template)."""
         tokenizer = self.response_generator.model_provider.tokenizer
         if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
-            return
+            return None
         messages = copy.deepcopy(messages)
         process_message_content(messages)
         kwargs = dict(self.response_generator.cli_args.chat_template_args)
         kwargs.update(self.chat_template_kwargs or {})
         try:
-            tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 **kwargs)
         except Exception as e:  # jinja2 errors, raise_exception in the template, bad kwargs
             raise ValueError(f"the chat template refused this conversation: {e}") from None
+
+    def handle_models_request(self):
+        """mlx-lm's listing scans the Hugging Face cache and, where there is none, fails
+        after sending 200 (an empty body). Here the served model comes first, always."""
+        args = self.response_generator.cli_args
+        served = Path(args.model).expanduser()
+        ids = [str(served.resolve()) if served.exists() else str(args.model)]
+        try:
+            from huggingface_hub import scan_cache_dir
+
+            for repo in scan_cache_dir().repos:
+                names = {f.file_path.name for ref in repo.refs.values() for f in ref.files}
+                if repo.repo_type == "model" and {"config.json", "tokenizer_config.json"} <= names:
+                    ids.append(repo.repo_id)
+        except Exception:  # no cache folder, or one that cannot be read: the served model alone
+            pass
+        wanted = self.path[len("/v1/models"):].strip("/")
+        models = [{"id": i, "object": "model", "created": getattr(self, "created", int(time.time())),
+                   "owned_by": "minimax-m3-mlx"} for i in dict.fromkeys(ids)]
+        if wanted:
+            found = [m for m in models if m["id"] == wanted or Path(m["id"]).name == wanted]
+            if not found:
+                self._set_completion_headers(404)
+                self.end_headers()
+                self.wfile.write(json.dumps({"error": f"model {wanted!r}: not served here"}).encode())
+                return
+            body = found[0]
+        else:
+            body = {"object": "list", "data": models}
+        self._set_completion_headers(200)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+        self.wfile.flush()
 
     def handle_completion(self, request, stop_words):
         shared = self.response_generator
@@ -363,21 +478,22 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
     p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
                    help="thinking mode of requests that name none (default: adaptive, the template's own)")
     p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
     p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
-    p.add_argument("--chat-template-args", type=json.loads, default="{}",
+    p.add_argument("--chat-template-args", type=json_object, default="{}",
                    help="JSON of extra chat template arguments for every request")
-    p.add_argument("--temp", type=float, default=0.0, help="default sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="default top-p")
-    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="default min-p (0: off)")
-    p.add_argument("--max-tokens", type=int, default=512, help="default max tokens per reply")
-    p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per forward pass")
-    p.add_argument("--prompt-cache-size", type=int, default=10, help="most KV caches kept between requests")
-    p.add_argument("--prompt-cache-bytes", type=_parse_size, default=None, help="most bytes of KV caches kept")
+    p.add_argument("--temp", type=non_negative_float, default=0.0, help="default sampling temperature")
+    p.add_argument("--top-p", type=number(float, lo=0, lo_open=True, hi=1), default=1.0, help="default top-p")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="default top-k (0: off)")
+    p.add_argument("--min-p", type=probability, default=0.0, help="default min-p (0: off)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="default max tokens per reply")
+    p.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
+    p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
+                   help="most KV caches kept between requests")
+    p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     add_cache_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
@@ -404,7 +520,10 @@ class Server:
             raise ValueError(f"--index-bits {self.args.index_bits} quantizes the index keys and needs --kv-bits")
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
-        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        try:
+            infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as e:
+            raise OSError(f"--host {args.host}: {e.strerror or e}") from None
         family, _, _, _, address = infos[0]
         fingerprint = get_system_fingerprint()
         rg = self.response_generator
@@ -413,9 +532,19 @@ class Server:
             address_family = family
             daemon_threads = True
 
-        self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint, **kw))
+        try:
+            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint,
+                                                                                 **kw))
+        except OSError as e:
+            self.response_generator.stop_and_join()
+            raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
+        try:
+            self.response_generator.wait_loaded()
+        except BaseException:
+            self.httpd.server_close()
+            raise
 
     def serve_forever(self) -> None:
         logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")

@@ -6,13 +6,14 @@ the releases hold, never through the model.
 
 from ..io.writer import write_safetensors
 from .checkpoints import (
-    LAYOUTS, TINY_TEXT, TINY_VISION, from_original_names, layout_tensors, quantize_fp8_blocks, quantize_mxfp8,
-    random_weights, resave_config, text_shapes, tiny_config, to_original_names, write_checkpoint,
+    LAYOUTS, TINY_TEXT, TINY_VISION, bfloat16_bits, from_original_names, layout_tensors, quantize_fp8_blocks,
+    quantize_mxfp8, random_weights, resave_config, round_to_dtype, text_shapes, tiny_config, to_original_names,
+    write_checkpoint,
 )
 from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, write_tiny_tokenizer
 
 __all__ = [
     "LAYOUTS", "TINY_TEXT", "TINY_VISION", "from_original_names", "layout_tensors", "quantize_fp8_blocks",
     "quantize_mxfp8", "random_weights", "resave_config", "text_shapes", "tiny_config", "to_original_names",
-    "write_checkpoint", "write_safetensors", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "write_tiny_tokenizer",
+    "write_checkpoint", "write_safetensors", "bfloat16_bits", "round_to_dtype", "CHAT_TEMPLATE", "SPECIAL_TOKENS", "write_tiny_tokenizer",
 ]

@@ -327,13 +327,40 @@ def from_original_names(dequantised: Dict[str, np.ndarray], weights: Dict[str, n
 
 
 # -- files ------------------------------------------------------------------------------------------
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> the bit patterns of bfloat16 (round to nearest even), as uint16."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x as float32 after a round trip through `dtype` ("float32", "bfloat16", "float16")."""
+    if dtype == "bfloat16":
+        return (bfloat16_bits(x).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32) if dtype == "float16" else x
+
+
 def write_checkpoint(path, config: dict, weights: Dict[str, np.ndarray], layout: str = "original",
                      shard_bytes: int = 1 << 20, fp8_block: Tuple[int, int] = (128, 128),
-                     tokenizer: bool = True) -> Dict[str, np.ndarray]:
-    """Write a sharded checkpoint (+ index, config, tokenizer); returns the reference weights."""
+                     tokenizer: bool = True, dtype: str = "float32") -> Dict[str, np.ndarray]:
+    """Write a sharded checkpoint (+ index, config, tokenizer); returns the reference weights.
+
+    dtype: the float tensors' dtype on disk ("bfloat16" / "float16" as the real releases;
+    FP8 scales stay float32); the config then says so. Callers that compare with a float32
+    reference pass weights already rounded with `round_to_dtype`.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, cfg, reference = layout_tensors(config, weights, layout, fp8_block)
+    if dtype != "float32":
+        tag = {"bfloat16": "BF16", "float16": "F16"}[dtype]
+        tensors = {k: ((bfloat16_bits(v) if tag == "BF16" else v), tag)
+                   if t == "F32" and not k.endswith("_scale_inv") else (v, t) for k, (v, t) in tensors.items()}
+        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = dtype
+        if isinstance(cfg.get("text_config"), dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in cfg["text_config"]:
+                    cfg["text_config"][key] = dtype
     shards, cur, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name][0].nbytes
