@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Issue #12's speed targets on one H200 (MLX CUDA), ready to run from the repository root:
-#   bash scripts/gpu_bench_decode.sh            (results in bench_out/kvquant/)
-# 1. one sparse layer at 128K and 1M: bf16 cache vs --kv-bits 4 (both sparse-attention
-#    variants over the gathered quantized blocks) and mlx-lm's port (its cache unquantized);
-# 2. the whole model (q4 weights) at 128K and 1M: bf16 cache vs --kv-bits 4 (and 8) vs mlx-lm.
-# Targets: --kv-bits 4 no slower than the bf16 cache; >= 5x faster than mlx-lm.
-set -euo pipefail
-out=bench_out/kvquant
-mkdir -p "$out"
-msa="python scripts/bench_msa.py --dtype bfloat16 --phases decode,prefill --steps 20 --mlx-lm-prefill-max 32768"
-$msa --contexts 131072,1048576 --impls ours,dense,mlx_lm --index-cache-dtype model --json "$out/msa_bf16.json" | tee "$out/msa_bf16.log"
-for sq in dequantize matmul; do
-  $msa --contexts 131072,1048576 --impls ours,dense --kv-bits 4 --sparse-quant $sq --json "$out/msa_kv4_$sq.json" | tee "$out/msa_kv4_$sq.log"
-done
-python scripts/bench_index_bits.py --contexts 131072 --queries 256 --json "$out/selection_change_128k.json" | tee "$out/selection_change.log"
-dec="python scripts/bench_decode.py --formats q4 --contexts 131072,1048576 --mlx-lm-prefill-max 32768"
-$dec --impls ours,mlx_lm --json "$out/decode_bf16.json" | tee "$out/decode_bf16.log"
-$dec --impls ours --kv-bits 4 --json "$out/decode_kv4.json" | tee "$out/decode_kv4.log"
-$dec --impls ours --kv-bits 8 --json "$out/decode_kv8.json" | tee "$out/decode_kv8.log"
+# Runs on the lent GPU after the MLX CUDA wheels are installed (see ../shared/gpu/README.md).
+# PART=main: ours and mlx-lm, 4-bit, four contexts; PART=extra: the same script on the
+# package before the speed work (./before, if present), the other weight formats and the
+# prefill-attention variants. TAG names the outputs. BENCHMARKS.md quotes the tables.
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+TAG=${TAG:-run}
+LAYERS=${LAYERS:-2,10}
+if [ "${PART:-main}" = main ]; then
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+  python3 scripts/bench_decode.py --formats q4 --impls ours,mlx_lm --layers $LAYERS --repeats 2 --profile --kernels \
+    --json $OUT/decode_$TAG.json 2>&1 | tee $OUT/decode_$TAG.log | grep -v '^{'
+else
+  if [ -d before ]; then
+    BENCH_PACKAGE_ROOT=$PWD/before python3 scripts/bench_decode.py --formats q4 --impls ours --layers $LAYERS \
+      --repeats 2 --profile --kernels --json $OUT/decode_before_$TAG.json 2>&1 | tee $OUT/decode_before_$TAG.log | grep -v '^{'
+  fi
+  python3 scripts/profile_prefill.py --contexts 16384,131072 2>&1 | tee $OUT/prefill_variants_$TAG.log
+  python3 scripts/bench_decode.py --formats mac-256gb,mxfp8 --impls ours --contexts 4096,131072 --chunk 0 \
+    --layers $LAYERS --repeats 2 --json $OUT/decode_formats_$TAG.json 2>&1 | tee $OUT/decode_formats_$TAG.log | grep -v '^{'
+fi
