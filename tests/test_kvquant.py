@@ -160,3 +160,17 @@ def test_layer_error_within_3x_of_dense_layer(model, dtype, bits):
             attn.set_dtype(mx.float32)
     print(f"\n{dtype} {bits}-bit: sparse layer {errs[1]:.4f}, dense layer {errs[0]:.4f}")
     assert errs[1] < 3 * errs[0]
+
+
+def test_matmul_variant_equals_dequantize(model, monkeypatch):
+    """The benchmark's other attention over gathered quantized blocks computes the same."""
+    from minimax_m3_mlx.model import kvquant
+
+    outs = []
+    for variant in ("dequantize", "matmul"):
+        monkeypatch.setattr(kvquant, "SPARSE_ATTENTION", variant)
+        cache = model.make_cache()
+        model(mx.array(TOKENS[:, :PROMPT]), cache=cache)
+        maybe_quantize_kv_cache(cache, 0, GS, 4)
+        outs.append(np.array(model(mx.array(TOKENS[:, PROMPT:PROMPT + 1]), cache=cache)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -104,8 +104,7 @@ class Attention(nn.Module):
         """One token: in-place cache writes, then the compiled step (see msa._decode_step)."""
         cache.update_index(idx_k)
         cache.update_and_fetch(k, v)
-        step = msa.compiled_decode_step(self.scale, self.block_size, self.topk, self.local_blocks,
-                                        cache.kv_quant, cache.index_quant)
+        step = kvquant.decode_step(self.scale, self.block_size, self.topk, self.local_blocks, cache)
         return step(q, idx_q, cache.keys, cache.values, cache.index_keys, mx.array(offset, dtype=mx.int32))
 
     def shard(self, group) -> None:

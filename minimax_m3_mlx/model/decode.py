@@ -73,8 +73,7 @@ def step(layer, x: mx.array, cache) -> mx.array:
         q, k, v, idx_q, idx_k = pre(x, pos)
         cache.update_index(idx_k)
         cache.update_and_fetch(k, v)
-        attend = msa.compiled_decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks,
-                                          cache.kv_quant, cache.index_quant)
+        attend = kvquant.decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks, cache)
         o = attend(q, idx_q, cache.keys, cache.values, cache.index_keys, pos)
     else:
         q, k, v = pre(x, pos)

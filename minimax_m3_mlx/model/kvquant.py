@@ -252,6 +252,32 @@ def dense_attention(q, keys, values, scale: float, cache=None):
     return plain(q, k, v, scale)
 
 
+def decode_step(scale: float, block_size: int, topk: int, local_blocks: int, cache):
+    """msa's compiled decode step for this cache: plain, or over its quantized triples."""
+    if cache.kv_quant is None:
+        return msa.compiled_decode_step(scale, block_size, topk, local_blocks)
+    words = _words_attention(*cache.kv_quant) if SPARSE_ATTENTION == "matmul" else None
+    return msa.compiled_decode_step(scale, block_size, topk, local_blocks, kv_quant=cache.kv_quant,
+                                    index_quant=cache.index_quant, rows=as_rows, words_attention=words)
+
+
+_WORDS_ATTENTION = {}
+
+
+def _words_attention(group_size: int, bits: int):
+    """The "matmul" variant for msa._decode_step: gather the selected blocks' words, then
+    matmul_attention (one function per setting, so the compiled steps are shared)."""
+    if (group_size, bits) not in _WORDS_ATTENTION:
+        def attend(q, keys, values, ids, mask, scale, n_keys):
+            B, Hkv, bs = q.shape[0], keys.shape[1], n_keys // ids.shape[-1]
+            kw = tuple(p.reshape(B, Hkv, n_keys, -1) for p in keys.gather_words(ids, bs))
+            vw = tuple(p.reshape(B, Hkv, n_keys, -1) for p in values.gather_words(ids, bs))
+            return matmul_attention(q, kw, vw, mask, scale, group_size, bits)
+
+        _WORDS_ATTENTION[(group_size, bits)] = attend
+    return _WORDS_ATTENTION[(group_size, bits)]
+
+
 def matmul_attention(q, kw, vw, mask, scale: float, group_size: int, bits: int):
     """Decode attention with quantized matmuls over gathered words (the "matmul" variant).
 

@@ -88,7 +88,11 @@ class TextModel(nn.Module):
             h = st.send(h)
             if cache and cache[-1] is not None:
                 # Evaluating the cache (as mlx-lm's prefill does) must also perform the send.
-                cache[-1].keys = mx.depends(cache[-1].keys, h)
+                keys = cache[-1].keys
+                if isinstance(keys, (tuple, list)):  # a quantized cache: (words, scales, biases)
+                    cache[-1].keys = (mx.depends(keys[0], h), *keys[1:])
+                else:
+                    cache[-1].keys = mx.depends(keys, h)
         return self.norm(st.gather_output(h))
 
 

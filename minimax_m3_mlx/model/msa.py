@@ -201,7 +201,7 @@ def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_s
 
 
 def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, topk, local_blocks,
-                 kv_quant=None, index_quant=None, quant_attention="dequantize"):
+                 kv_quant=None, index_quant=None, rows=None, words_attention=None):
     """Selection and attention of one decode token of an MSA layer, as one graph.
 
     Every shape depends only on the cache capacity, never on the position (an int32
@@ -214,13 +214,13 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     blocks are past blocks, whole. Scores run over the whole capacity with future slots
     at -inf (at most one allocation step more than the context).
 
-    A quantized cache passes its (words, scales, biases) triples with kv_quant /
-    index_quant = (group_size, bits) (kvquant.QuantizedSparseKVCache): the selected
-    blocks' triples are gathered, then dequantized or attended with quantized matmuls.
+    A quantized cache passes its (words, scales, biases) triples, with kv_quant /
+    index_quant = (group_size, bits) and `rows` to address them (kvquant.decode_step):
+    the selected blocks' triples are gathered, then dequantized, or attended by
+    `words_attention` (quantized matmuls over the gathered words).
     """
-    from .kvquant import as_rows, matmul_attention
-
-    keys, values, index_keys = as_rows(keys, kv_quant), as_rows(values, kv_quant), as_rows(index_keys, index_quant)
+    if rows is not None:
+        keys, values, index_keys = rows(keys, kv_quant), rows(values, kv_quant), rows(index_keys, index_quant)
     B, Hq, _, D = q.shape
     Hkv, C = keys.shape[1], keys.shape[2]
     bs = block_size
@@ -239,10 +239,8 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     ids = (idx + base).astype(mx.int32)
     # the own block's slots after the query are its future
     mask = mx.arange(topk * bs) <= (topk - 1) * bs + pos - q_block * bs
-    if kv_quant is not None and quant_attention == "matmul":
-        kw = tuple(p.reshape(B, Hkv, topk * bs, -1) for p in keys.gather_words(ids, bs))
-        vw = tuple(p.reshape(B, Hkv, topk * bs, -1) for p in values.gather_words(ids, bs))
-        return matmul_attention(q, kw, vw, mask, scale, *kv_quant).transpose(0, 2, 1, 3)
+    if words_attention is not None:
+        return words_attention(q, keys, values, ids, mask, scale, topk * bs).transpose(0, 2, 1, 3)
     kg = _gather(keys, ids, bs).reshape(B, Hkv, topk * bs, D)
     vg = _gather(values, ids, bs).reshape(B, Hkv, topk * bs, values.shape[-1])
     o = mx.fast.scaled_dot_product_attention(q, kg, vg, scale=scale, mask=mask.reshape(1, 1, 1, -1))
@@ -252,17 +250,13 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
 _COMPILED_STEPS = {}
 
 
-def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int,
-                         kv_quant=None, index_quant=None):
-    """One compiled `_decode_step` per distinct layer constants, shared by all layers."""
-    from .kvquant import SPARSE_ATTENTION  # read per call: the benchmark switches it
-
-    quant_attention = SPARSE_ATTENTION if kv_quant is not None else None
-    key = (scale, block_size, topk, local_blocks, kv_quant, index_quant, quant_attention)
+def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int, **quant):
+    """One compiled `_decode_step` per distinct layer constants, shared by all layers
+    (`quant`: a quantized cache's settings, see kvquant.decode_step)."""
+    key = (scale, block_size, topk, local_blocks, tuple(sorted(quant.items())))
     if key not in _COMPILED_STEPS:
         _COMPILED_STEPS[key] = mx.compile(partial(_decode_step, scale=scale, block_size=block_size,
-                                                  topk=topk, local_blocks=local_blocks, kv_quant=kv_quant,
-                                                  index_quant=index_quant, quant_attention=quant_attention))
+                                                  topk=topk, local_blocks=local_blocks, **quant))
     return _COMPILED_STEPS[key]
 
 
