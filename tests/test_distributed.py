@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import re
 import subprocess
@@ -34,6 +33,9 @@ from minimax_m3_mlx import synthetic
 from minimax_m3_mlx.cli import plan
 from minimax_m3_mlx import load_model
 from minimax_m3_mlx.config import ModelArgs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ring import launch_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "dist_worker.py"
@@ -121,9 +123,8 @@ def launch(n, ckpts, out: Path):
     cases = [dict(c, path=str(ckpts / c["ck"])) for c in CASES[n]]
     spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4}
     (out / "spec.json").write_text(json.dumps(spec))
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [launcher, "--backend", "ring", "-n", str(n), "--python", sys.executable, str(WORKER), str(out / "spec.json")]
+    cmd = [*launch_args(n), str(WORKER), str(out / "spec.json")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -437,7 +438,6 @@ def test_refusals_before_loading(ckpts, monkeypatch):
 def test_generate_cli_under_mlx_launch(ckpts):
     """`minimax-m3 generate` under mlx.launch (2 ranks, tensor parallel): rank 0 prints the
     same greedy text as one process, the other rank prints nothing."""
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["-m", "minimax_m3_mlx", "generate", "--model", str(ckpts / "f32"), "--prompt", "hello there",
             "--max-tokens", "10", "--thinking", "disabled"]
@@ -447,7 +447,7 @@ def test_generate_cli_under_mlx_launch(ckpts):
 
     alone = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
-    both = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--python", sys.executable, *args],
+    both = subprocess.run([*launch_args(2), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert both.returncode == 0, both.stdout[-2000:] + both.stderr[-2000:]
     assert both.stdout.count("=" * 10) == 2  # one rank printed
@@ -458,9 +458,8 @@ def test_generate_cli_under_mlx_launch(ckpts):
 def test_generate_cli_under_mlx_launch_fails_on_every_rank(tmp_path):
     """A mistake under mlx.launch: a rank prints one error line and exits 1 (mlx.launch 0.32
     itself exits 0 whatever its ranks do, but names each rank that failed)."""
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--python", sys.executable, "-m", "minimax_m3_mlx",
+    run = subprocess.run([*launch_args(2), "-m", "minimax_m3_mlx",
                           "generate", "--model", str(tmp_path / "missing")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=240)
     out = run.stdout + run.stderr

@@ -396,10 +396,13 @@ import sys, time
 from minimax_m3_mlx import cli
 from minimax_m3_mlx.convert import writer
 real = writer.finish_shard
+finished = []
 def slow(*a, **k):
     real(*a, **k)
+    finished.append(1)
     print("shard done", flush=True)
-    time.sleep(0.4)
+    if len(finished) == 2:
+        time.sleep(120)  # Ctrl-C lands here, mid-conversion, however loaded the machine is
 writer.finish_shard = slow
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -62,6 +62,8 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
+from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
+from .cluster import ClusterError, ClusterFollowing, follow_signals
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
 
@@ -94,10 +96,9 @@ class MiniMaxModelProvider(ModelProvider):
         gc.collect()
         mx.clear_cache()
         tokenizer_config = {"chat_template": self.cli_args.chat_template} if self.cli_args.chat_template else None
-        # Under mlx.launch each rank loads its part (mlx-lm's --pipeline picks the split).
+        # Under mlx.launch each rank loads its part, split as --parallel says.
         group = mx.distributed.init() if self.is_distributed else None
-        mode = "pipeline" if getattr(self.cli_args, "pipeline", False) else "tensor"
-        model, tokenizer = load(path, group=group, mode=mode, tokenizer_config=tokenizer_config,
+        model, tokenizer = load(path, group=group, mode=self.cli_args.parallel, tokenizer_config=tokenizer_config,
                                 thinking=self.cli_args.thinking)
 
         apply_cache_args(model, self.cli_args)  # --index-bits on the caches mlx-lm makes
@@ -109,7 +110,7 @@ class MiniMaxModelProvider(ModelProvider):
         self.is_batchable = False  # see the module docstring
 
 
-class MiniMaxResponseGenerator(ResponseGenerator):
+class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
     """mlx-lm's generation thread, which also frees its MLX streams when it ends, and
     which reports whether the served model loaded (`wait_loaded`).
 
@@ -238,7 +239,11 @@ class _TrackedGenerator:
         return getattr(self._shared, name)
 
     def generate(self, request, generation_args, progress_callback=None):
-        ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        try:
+            ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
+        except ClusterError as e:
+            self._handler._error = e  # a server error (mlx-lm answers 404 to every failure here)
+            raise
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
         if ctx.tool_parser is parse_tool_call:
             ctx.tool_parser = tracker.parse_block  # this request's context only
@@ -322,15 +327,17 @@ def _check_stop(stop: Any) -> None:
         raise ValueError("stop must be a string or a list of non-empty strings")
 
 
-class MiniMaxAPIHandler(APIHandler):
-    """mlx-lm's handler, plus request checks, the per-request thinking mode, the context
-    limit, OpenAI-shaped error bodies and a /v1/models that needs no Hugging Face cache."""
+class MiniMaxAPIHandler(AccessControl, APIHandler):
+    """mlx-lm's handler, plus access checks (access.py), request checks, the thinking mode,
+    the context limit, OpenAI-shaped errors and a /v1/models needing no Hugging Face cache."""
 
     def setup(self):
         super().setup()
         self.wfile = OpenAIErrorBodies(self, self.wfile)
 
     def send_response(self, code, message=None):
+        if code == 404 and isinstance(getattr(self, "_error", None), ClusterError):
+            code = 500
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
@@ -455,6 +462,8 @@ class MiniMaxAPIHandler(APIHandler):
         self.response_generator, self._reply = _TrackedGenerator(shared, self), None
         try:
             super().handle_completion(request, stop_words)
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-reply: no traceback
+            logging.info("the client closed the connection before the reply ended")
         finally:
             self.response_generator, self._reply = shared, None
 
@@ -481,7 +490,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
     p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
                    help="thinking mode of requests that name none (default: adaptive, the template's own)")
-    p.add_argument("--allowed-origins", type=lambda x: x.split(","), default="*", help="CORS origins (default: *)")
+    add_access_arguments(p)
+    p.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
+                   help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
     p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
     p.add_argument("--chat-template-args", type=json_object, default="{}",
                    help="JSON of extra chat template arguments for every request")
@@ -512,14 +523,22 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 class Server:
-    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread."""
+    """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread.
+    Under mlx.launch only rank 0 listens; the other ranks follow it (cluster.py)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
         if self.args.index_bits in (4, 8) and self.args.kv_bits is None:
             raise ValueError(f"--index-bits {self.args.index_bits} quantizes the index keys and needs --kv-bits")
+        if mx.distributed.init().rank() == 0:  # the rank that listens
+            settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
+        self.httpd, self.host, self.port, self._thread = None, None, None, None
+        if self.response_generator.follows:
+            self.response_generator.wait_loaded()
+            follow_signals()
+            return
         try:
             infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as e:
@@ -539,7 +558,6 @@ class Server:
             self.response_generator.stop_and_join()
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
-        self._thread: Optional[threading.Thread] = None
         try:
             self.response_generator.wait_loaded()
         except BaseException:
@@ -547,6 +565,9 @@ class Server:
             raise
 
     def serve_forever(self) -> None:
+        if self.httpd is None:  # a following rank
+            self.response_generator.join()
+            return
         logging.info(f"MiniMax-M3 server on http://{self.host}:{self.port}/v1 (model {self.args.model})")
         self.httpd.serve_forever()
 
@@ -560,7 +581,8 @@ class Server:
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
-        self.httpd.server_close()
+        if self.httpd is not None:
+            self.httpd.server_close()
         self.response_generator.stop_and_join()
 
 
@@ -568,7 +590,8 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
     server = Server(args)
-    print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
+    if server.httpd is not None:
+        print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

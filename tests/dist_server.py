@@ -1,0 +1,35 @@
+"""`minimax-m3 server` as one rank of an `mlx.launch` run, for tests/test_server_cluster.py.
+
+    mlx.launch --backend ring -n 2 --python PY tests/dist_server.py SERVER-ARGS...
+
+As the CLI, except that on the last rank preparing a request whose text holds FAIL_MARK
+raises: a failure on one rank only, which the server must turn into an error for that
+request's client while every rank goes on serving.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx_lm.server
+
+from minimax_m3_mlx.cli import main
+
+FAIL_MARK = "please fail on the last rank"
+
+
+def _failing_tokenize(original):
+    def tokenize(self, tokenizer, request, args):
+        if FAIL_MARK in repr(request):
+            raise RuntimeError("injected failure")
+        return original(self, tokenizer, request, args)
+
+    return tokenize
+
+
+if __name__ == "__main__":
+    group = mx.distributed.init()
+    if group.size() > 1 and group.rank() == group.size() - 1:
+        mlx_lm.server.ResponseGenerator._tokenize = _failing_tokenize(mlx_lm.server.ResponseGenerator._tokenize)
+    sys.exit(main(["server", *sys.argv[1:]]))
