@@ -346,13 +346,19 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
                              "16 (model dtype, the default without --kv-bits) or 32 (float32); scoring is float32")
 
 
-def apply_cache_args(model, args) -> None:
-    """Check the cache switches against the model and set the index keys' bits on it."""
+def check_cache_args(args) -> None:
+    """The cache switches that contradict each other, whatever the model."""
     index_bits = getattr(args, "index_bits", None)
-    kv_bits = getattr(args, "kv_bits", None)
-    if index_bits in KV_BITS and kv_bits is None:
+    if index_bits in KV_BITS and getattr(args, "kv_bits", None) is None:
         raise ValueError(f"--index-bits {index_bits} quantizes the index keys and needs --kv-bits "
                          "(without it use 16 or 32)")
+
+
+def apply_cache_args(model, args) -> None:
+    """Check the cache switches against the model and set the index keys' bits on it."""
+    check_cache_args(args)
+    index_bits = getattr(args, "index_bits", None)
+    kv_bits = getattr(args, "kv_bits", None)
     if kv_bits is not None:
         a = model.args
         check_quantization(kv_bits, args.kv_group_size, [("head_dim", a.head_dim), ("index_head_dim", a.index_head_dim)],

@@ -64,7 +64,7 @@ from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparse
 from ..loading import check_folder, load, resolve_path
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .cluster import ClusterError, ClusterFollowing, follow_signals
-from .generate import ContextLimitError, add_cache_args, apply_cache_args, reply_room
+from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
 
 
@@ -528,8 +528,7 @@ class Server:
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
-        if self.args.index_bits in (4, 8) and self.args.kv_bits is None:
-            raise ValueError(f"--index-bits {self.args.index_bits} quantizes the index keys and needs --kv-bits")
+        check_cache_args(self.args)  # before the model loads, in the generation thread
         if mx.distributed.init().rank() == 0:  # the rank that listens
             settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
