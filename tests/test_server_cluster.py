@@ -23,6 +23,7 @@ RANK = Path(__file__).parent / "dist_server.py"
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_server import FAIL_MARK  # noqa: E402
 from ring import free_port_base, launch_args  # noqa: E402
+from signals import sigint_as_in_a_terminal  # noqa: E402
 
 MAX_TOKENS = 10
 CHATS = [[{"role": "user", "content": "Hello there!"}],
@@ -98,7 +99,8 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     cmd = [*launch_args(2), str(RANK), "--model", str(ckpt),
            "--port", str(port), "--parallel", mode, "--thinking", "disabled"]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=sigint_as_in_a_terminal)
     try:
         _wait_ready(port, proc, log)
         client = _client(port)
