@@ -104,11 +104,12 @@ class ModelArgs:
     index_topk_blocks: int = 16
     index_local_blocks: int = 1
     tie_word_embeddings: bool = False
-    # Runtime: dtype of the cached index keys. "float32" scores exactly as the reference
-    # (float32 products of the model-dtype keys) at 2x the index cache of "model", which
-    # keeps them in the model dtype and scores in it (bf16 score rounding may swap
-    # near-tied blocks). See BENCHMARKS.md for what each costs.
-    index_cache_dtype: str = "float32"
+    # Runtime: dtype of the cached index keys. Both score float32 products, exactly as the
+    # reference (which computes the keys in the model dtype and upcasts them to score):
+    # "model" stores them in the model dtype (half the bytes; each step upcasts what it
+    # reads), "float32" stores them upcast (2x the bytes, no upcast per step). With
+    # --kv-bits they are quantized instead (--index-bits). README: what each costs.
+    index_cache_dtype: str = "model"
     # checkpoint-level
     dtype: str = "bfloat16"
     quantization: Optional[Dict[str, Any]] = None  # MLX's own (converted models)

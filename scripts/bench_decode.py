@@ -50,6 +50,7 @@ from minimax_m3_mlx.model import Model  # noqa: E402
 try:
     from minimax_m3_mlx.convert import recipes
     from minimax_m3_mlx.model.cache import SparseKVCache
+    from minimax_m3_mlx.model import kvquant
 except ImportError:  # the flat layout before the package was layered (BENCH_PACKAGE_ROOT)
     from minimax_m3_mlx import recipes
     from minimax_m3_mlx.cache import SparseKVCache
@@ -156,12 +157,15 @@ def set_layer_count(impl, model, n_layers, all_layers):
 
 
 # -- caches ------------------------------------------------------------------------------------
-def make_caches(impl, model, S, capacity, dtype=mx.bfloat16):
-    """The model's own caches, filled to S with random keys/values (capacity slots allocated)."""
+def make_caches(impl, model, S, capacity, dtype=mx.bfloat16, kv_quant=None):
+    """The model's own caches, filled to S with random keys/values (capacity slots allocated);
+    kv_quant = (group_size, bits): then quantized as mlx-lm's --kv-bits does (every layer)."""
     caches = model.make_cache()
     for c in caches:
         for sub in (c.caches if isinstance(c, CacheList) else [c]):
             _fill(sub, S, capacity, dtype, model)
+    if kv_quant is not None:
+        caches = [c.to_quantized(*kv_quant) for c in caches]
     mx.eval([_arrays(c) for c in caches])
     return caches
 
@@ -504,6 +508,11 @@ def run(a):
                 records.append({"impl": impl, "format": fmt, "skipped": str(e)})
                 continue
             all_layers = list(model.layers)
+            # --kv-bits quantizes our cache only: mlx-lm's port cannot (its CacheList has no
+            # to_quantized), so its unquantized cache is what it runs.
+            kv_quant = (a.kv_group_size, a.kv_bits) if a.kv_bits and impl == "ours" else None
+            if impl == "ours":
+                model.index_bits = a.index_bits
             hidden = cfg["hidden_size"]
             moe = [l for l in all_layers if l.is_moe][0]
             floor = mx.compile(floor_parts(impl, moe, hidden))
@@ -512,7 +521,8 @@ def run(a):
             fused_ms = median_ms(lambda: mx.eval(mx.compile(fused)()), a.steps) if fused else None
             weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
             for S in contexts:
-                rec = {"impl": impl, "format": fmt, "context": S, "floor_ms": round(floor_ms, 4),
+                rec = {"impl": impl, "format": fmt, "context": S, "kv_bits": kv_quant and kv_quant[1],
+                       "index_bits": a.index_bits if impl == "ours" else None, "floor_ms": round(floor_ms, 4),
                        "floor_fused_ms": round(fused_ms, 4) if fused_ms else None,
                        "weights_gb": round(weights_gb, 3)}
                 capacity = S + a.tokens + a.warm + 8
@@ -520,7 +530,8 @@ def run(a):
                 for n in (n_big, n_small):
                     set_layer_count(impl, model, 3 + n, all_layers)
                     mx.reset_peak_memory()
-                    caches = make_caches(impl, model, S, capacity) if impl == "ours" else _lm_caches(model, S, capacity)
+                    caches = (make_caches(impl, model, S, capacity, kv_quant=kv_quant) if impl == "ours"
+                              else _lm_caches(model, S, capacity))
                     ms[n], rec[f"generate_{3 + n}"] = time_generate(model, caches, a.tokens, a.warm, a.repeats, S)
                     if n == n_big:
                         rec["bound_ms"] = round(token_bytes(impl, model, S) / bw * 1e3, 4)
@@ -618,10 +629,20 @@ def main(argv=None):
     p.add_argument("--prefill-steps", type=int, default=2)
     p.add_argument("--mlx-lm-prefill-max", type=int, default=32768,
                    help="skip mlx-lm's prefill above this context (its dense block mask grows with S)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize our cache (every layer)")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32), default=None,
+                   help="our index keys (default: 8 with --kv-bits, else bf16)")
+    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="dequantize",
+                   help="attention over gathered quantized blocks (kvquant.SPARSE_ATTENTION)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.kv_bits and a.profile:
+        p.error("--profile times the bf16 cache's parts; run it without --kv-bits")
+    kvquant.SPARSE_ATTENTION = a.sparse_quant
 
     if a.tiny:
+        a.kv_group_size = min(a.kv_group_size, 32)  # the tiny heads are 32 wide
         a.contexts = a.contexts or "64,256"
         a.layers = a.layers or "1,2"
         a.chunk = min(a.chunk, 32)

@@ -44,6 +44,8 @@ REAL = dict(vocab_size=200064, dense_intermediate_size=12288,
             rope_theta=5e6, index_n_heads=4, index_head_dim=128, index_block_size=128, index_topk_blocks=16,
             index_local_blocks=1, max_position_embeddings=1 << 21, num_hidden_layers=1)
 GB = 1 << 30
+# (group_size, bits, index_bits) from --kv-bits: ours and dense then run quantized caches.
+CACHE_QUANT = None
 
 
 def our_layer(dtype, sparse: bool, index_cache_dtype: str):
@@ -94,11 +96,14 @@ def make_cache(impl, S, capacity, dtype, index_dtype, block=128):
         c.keys, c.values = _filled(kv, cap, dtype), _filled(kv, cap, dtype)
         c.index_keys = _filled((1, 1, S, REAL["index_head_dim"]), cap, getattr(mx, index_dtype) if index_dtype else dtype)
         c.offset = S
+        if CACHE_QUANT:
+            c.index_bits = CACHE_QUANT[2]
+            c = c.to_quantized(*CACHE_QUANT[:2])
         return c
     main = KVCache()
     main.keys, main.values, main.offset = _filled(kv, capacity, dtype), _filled(kv, capacity, dtype), S
     if impl == "dense":
-        return main
+        return main.to_quantized(*CACHE_QUANT[:2]) if CACHE_QUANT else main
     idx = KVCache()
     idx.keys = _filled((1, 1, S, REAL["index_head_dim"]), capacity, dtype)
     idx.values = mx.zeros((1, 1, capacity, 0), dtype)
@@ -204,10 +209,21 @@ def main(argv=None):
                    help="first check ours == masked dense at context S (decode and a chunk)")
     p.add_argument("--dense-prefill-max", type=int, default=1 << 30,
                    help="skip dense prefill above this context (MLX's CUDA SDPA is not fused for prefill)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="quantized caches for ours and dense (mlx-lm's port cannot quantize its own)")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32), default=8)
+    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="dequantize",
+                   help="attention over gathered quantized blocks (kvquant.SPARSE_ATTENTION; decode)")
     a = p.parse_args(argv)
 
     dtype = getattr(mx, a.dtype)
     import minimax_m3_mlx.model.msa as msa
+    from minimax_m3_mlx.model import kvquant
+
+    global CACHE_QUANT
+    CACHE_QUANT = (a.kv_group_size, a.kv_bits, a.index_bits) if a.kv_bits else None
+    kvquant.SPARSE_ATTENTION = a.sparse_quant
 
     if a.gather_word:
         msa.GATHER_WORDS[2] = getattr(mx, a.gather_word)
@@ -230,7 +246,8 @@ def main(argv=None):
         for L in (1, min(a.chunk, 512)):
             e = check_equivalence(layers["ours"], a.check, L, dtype, index_dtype)
             print(f"check: gather vs masked dense, context {a.check}, {L} queries: rel err {e:.2e}", flush=True)
-    print(f"device={mx.default_device()} dtype={a.dtype} index_cache={a.index_cache_dtype} bandwidth={bw / 1e9:.0f} GB/s",
+    print(f"device={mx.default_device()} dtype={a.dtype} index_cache={a.index_cache_dtype} "
+          f"kv_bits={a.kv_bits} index_bits={a.index_bits if a.kv_bits else None} sparse_quant={a.sparse_quant} bandwidth={bw / 1e9:.0f} GB/s",
           flush=True)
     for phase in a.phases.split(","):
         for S in contexts:
@@ -245,7 +262,7 @@ def main(argv=None):
                                             index_dtype if impl.startswith("ours") else None, steps, a.chunk)
                 rec = {"impl": impl, "phase": phase, "context": S, "ms": round(ms, 3), "peak_gb": round(peak, 3),
                        "extra_gb": round(extra, 3)}
-                if impl in ("ours", "dense"):
+                if impl in ("ours", "dense") and not CACHE_QUANT:  # bytes_read counts a plain cache
                     nb = bytes_read(impl, phase, S, dtype.size,
                                     4 if (impl == "ours" and index_dtype is not None) else dtype.size, a.chunk)
                     rec["bound_ms"] = round(nb / bw * 1e3, 3)

@@ -356,15 +356,21 @@ def test_plan_real_model(capsys):
     args = ModelArgs.from_file(REAL_CONFIG)
     kv, idx = sizing.cache_bytes(args, 131072, 1, dtype_bytes=2)
     assert kv == 60 * 131072 * 2 * 4 * 128 * 2  # 2 KiB per token and layer
-    assert idx == 57 * 131072 * 128 * 4  # float32 index keys on the 57 sparse layers
+    assert idx == 57 * 131072 * 128 * 2  # model-dtype (bf16) index keys on the 57 sparse layers
+    assert sizing.cache_bytes(args, 131072, 1, dtype_bytes=2, index_bits=32)[1] == 2 * idx  # float32
+    kv4, idx8 = sizing.cache_bytes(args, 131072, 1, dtype_bytes=2, kv_bits=4)
+    assert (kv4, idx8) == (60 * 131072 * 576, 57 * 131072 * 136)  # --kv-bits 4: 4-bit K/V, 8-bit index
     kv2, idx2 = sizing.cache_bytes(args, 131072, 2, dtype_bytes=2)
     assert kv2 * 2 == kv and idx2 == idx  # K/V split by KV head; index keys replicated
     assert plan.main(["--hosts", "2x192", "--recipe", "mac-192gb", "--context", "131072"]) == 0
     out = capsys.readouterr().out
     assert "Recommended: tensor" in out and "tensor: fits" in out
-    assert plan.main(["--hosts", "3x128", "--recipe", "mac-256gb", "--context", "1000000"]) == 1
+    assert plan.main(["--hosts", "3x128", "--recipe", "mac-256gb", "--context", "1000000", "--index-bits", "32"]) == 1
     out = capsys.readouterr().out
     assert "tensor: not possible" in out and "3 does not divide" in out and "pipeline: DOES NOT FIT" in out
+    # the default bf16 index keys (half of float32's) leave room for the same context
+    assert plan.main(["--hosts", "3x128", "--recipe", "mac-256gb", "--context", "1000000"]) == 0
+    assert "pipeline: fits" in capsys.readouterr().out
     assert plan.main(["--hosts", "2x192", "--recipe", "mac-192gb", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     tensor = next(p for p in data["plans"] if p["name"] == "tensor")

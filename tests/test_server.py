@@ -23,6 +23,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from signals import sigint_as_in_a_terminal
+
 from minimax_m3_mlx import synthetic  # noqa: E402
 from minimax_m3_mlx.chat_format.markers import NS_TOKEN, THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START  # noqa: E402
 
@@ -261,7 +263,7 @@ def test_cli_server_subprocess(ckpt):
     proc = subprocess.Popen(
         [sys.executable, "-m", "minimax_m3_mlx", "server", "--model", str(ckpt), "--port", "0",
          "--thinking", "disabled", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.time() + 60
         port = None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from signals import sigint_as_in_a_terminal
+
 from minimax_m3_mlx import cli, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,7 +415,7 @@ def test_ctrl_c_in_convert_says_rerun_to_resume(folders, tmp_path, capsys):
     argv = ["convert", "--hf-path", str(folders["good"]), "--mlx-path", str(out), "--shard-size-gb", "0.00002",
             "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=sigint_as_in_a_terminal)
     try:
         done = 0
         while done < 2:

@@ -110,7 +110,7 @@ class LayoutPlan:
 
 
 def plan_for(args, table, tensor: int, pipeline: int, capacities: Sequence[int], context: int,
-                batch: int = 1, chunk: int = 2048, dtype_bytes: int = 2) -> LayoutPlan:
+                batch: int = 1, chunk: int = 2048, dtype_bytes: int = 2, cache_quant=None) -> LayoutPlan:
     name = "tensor" if pipeline == 1 else "pipeline" if tensor == 1 else f"both ({tensor} x {pipeline})"
     try:
         check_tensor_parallel(args, table, tensor)
@@ -121,7 +121,7 @@ def plan_for(args, table, tensor: int, pipeline: int, capacities: Sequence[int],
     ranks = []
     for r in range(tensor * pipeline):
         u = rank_usage(args, table, tensor, pipeline, r, split)
-        kv, idx = cache_bytes(args, context, tensor, u.layers, batch, dtype_bytes)
+        kv, idx = cache_bytes(args, context, tensor, u.layers, batch, dtype_bytes, **(cache_quant or {}))
         act = activation_bytes(args, min(chunk, max(context, 1)), tensor, batch, dtype_bytes, context)
         ranks.append(RankPlan(r, u.stage, u.tensor_rank, u.layers, u.weight_bytes, kv, idx, act, capacities[r]))
     return LayoutPlan(name, tensor, pipeline, ranks, split=split)
@@ -177,9 +177,9 @@ def parse_hosts(spec: str) -> List[float]:
 
 
 def make_plans(args, table, hosts_gb: Sequence[float], context: int, batch: int, chunk: int,
-               reserve_gb: float, dtype_bytes: int, layouts=None) -> List[LayoutPlan]:
+               reserve_gb: float, dtype_bytes: int, layouts=None, cache_quant=None) -> List[LayoutPlan]:
     capacities = [int((h - reserve_gb) * GB) for h in hosts_gb]
-    return [plan_for(args, table, t, p, capacities, context, batch, chunk, dtype_bytes)
+    return [plan_for(args, table, t, p, capacities, context, batch, chunk, dtype_bytes, cache_quant)
             for t, p in (layouts or candidate_layouts(len(hosts_gb)))]
 
 
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reserve-gb", type=non_negative_float, default=8.0,
                     help="memory left to macOS and other programs on each Mac (default 8)")
     ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
+    ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized cache (as generate/server --kv-bits)")
+    ap.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
+    ap.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32),
+                    help="index keys (default: 8 with --kv-bits, else the config's index_cache_dtype)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     return ap
 
@@ -275,8 +279,9 @@ def main(argv=None) -> int:
     if dtype not in FLOAT_TAGS:
         raise ValueError(f"the config's dtype {dtype!r} is not a float dtype; pass --dtype")
     dtype_bytes = DTYPES[FLOAT_TAGS[dtype]].itemsize
+    cache_quant = dict(kv_bits=a.kv_bits, index_bits=a.index_bits, group_size=a.kv_group_size)
     plans = make_plans(args, table, hosts, a.context, a.batch, a.prefill_chunk, a.reserve_gb, dtype_bytes,
-                       _layouts(a.layout, len(hosts)))
+                       _layouts(a.layout, len(hosts)), cache_quant)
     best, why = recommend(plans)
     total_weights = sum(i.nbytes for i in table.values())
     if a.json:
@@ -291,6 +296,12 @@ def main(argv=None) -> int:
              f"({', '.join(f'{h:.0f}' for h in hosts)} GB, {a.reserve_gb:.0f} GB reserved each); "
              f"context {a.context} x batch {a.batch}, prefill chunk {a.prefill_chunk}, {dtype}")
     print(format_plans(plans, hosts, title))
+    kv, idx = cache_bytes(args, 1 << 20, dtype_bytes=dtype_bytes, **cache_quant)
+    print(f"Cache: {(kv + idx) / (1 << 20) / 1024:.1f} KiB per token ({kv / (1 << 20) / 1024:.1f} K/V, "
+          f"{idx / (1 << 20) / 1024:.1f} index keys); largest context on each Mac (one host's whole model):")
+    for h in sorted(set(hosts)):
+        room = (h - a.reserve_gb) * GB - total_weights - activation_bytes(args, a.prefill_chunk, 1, a.batch, dtype_bytes)
+        print(f"  {h:.0f} GB: {max(0, int(room / ((kv + idx) / (1 << 20)))):,} tokens")
     return _print_recommendation(best, why)
 
 

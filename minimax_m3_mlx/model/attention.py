@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.cache import BatchKVCache
 
-from . import batch_msa, msa
+from . import batch_msa, kvquant, msa
 from .batch_cache import BatchSparseCache
 from .cache import SparseKVCache
 from ..config import ModelArgs
@@ -79,7 +79,7 @@ class Attention(nn.Module):
             mask = cache.make_mask(L) if isinstance(cache, BatchKVCache) else None
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            out = msa.dense_attention(q, k, v, self.scale, mask)
+            out = kvquant.dense_attention(q, k, v, self.scale, cache, mask)
         return self.o_proj(out.reshape(B, L, -1))
 
     def _sparse(self, x, q, k, v, cache, offset):
@@ -99,17 +99,18 @@ class Attention(nn.Module):
             # Every block is kept: the selection is the causal mask, and dense is exact.
             # This is the only crossover: once a block is dropped, dense attention is a
             # different model, whatever it would save (BENCHMARKS.md measures both).
-            return msa.dense_attention(q, keys, values, self.scale)
+            return kvquant.dense_attention(q, keys, values, self.scale, cache)
         scores = msa.index_block_scores(idx_q, index_keys, offset, self.block_size)
         idx, valid = msa.select_blocks(scores, offset, self.block_size, self.topk, self.local_blocks)
-        return msa.sparse_attention(q, cache.keys, cache.values, idx, valid, offset, self.scale,
+        keys, values = kvquant.as_rows(cache.keys, cache.kv_quant), kvquant.as_rows(cache.values, cache.kv_quant)
+        return msa.sparse_attention(q, keys, values, idx, valid, offset, self.scale,
                                     self.block_size, ix_map, kv_map)
 
     def _decode(self, q, k, v, idx_q, idx_k, cache, offset):
         """One token: in-place cache writes, then the compiled step (see msa._decode_step)."""
         cache.update_index(idx_k)
         cache.update_and_fetch(k, v)
-        step = msa.compiled_decode_step(self.scale, self.block_size, self.topk, self.local_blocks)
+        step = kvquant.decode_step(self.scale, self.block_size, self.topk, self.local_blocks, cache)
         return step(q, idx_q, cache.keys, cache.values, cache.index_keys, mx.array(offset, dtype=mx.int32))
 
     def shard(self, group) -> None:

@@ -19,7 +19,11 @@ from ..sizes import cache_step, ceil_div
 
 
 class SparseKVCache(KVCache):
-    def __init__(self, block_size: int = 128, index_dtype: Optional[str] = None):
+    # Full precision: the attention reads the buffers as they are (see kvquant).
+    kv_quant = index_quant = None
+
+    def __init__(self, block_size: int = 128, index_dtype: Optional[str] = None,
+                 index_bits: Optional[int] = None):
         super().__init__()
         self.block_size = block_size
         # Allocation granularity: whole blocks, at least mlx-lm's 256 tokens.
@@ -28,6 +32,8 @@ class SparseKVCache(KVCache):
         # A name ("float32"), not an mx.Dtype: mlx-lm's server deep-copies caches, and
         # an mx.Dtype cannot be copied. None keeps the model's dtype.
         self.index_dtype = index_dtype
+        # Index-key bits once quantized (to_quantized); None: kvquant.DEFAULT_INDEX_BITS.
+        self.index_bits = index_bits
 
     # -- writes ----------------------------------------------------------------------
     def _grow(self, arr, needed: int, like: mx.array):
@@ -124,12 +130,12 @@ class SparseKVCache(KVCache):
         return cls.batch_class.merge(caches)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
-        # mlx-lm's QuantizedKVCache would drop the index keys; refuse loudly instead of
-        # silently producing a model whose sparse layers select from nothing.
-        raise ValueError(
-            "KV-cache quantization (--kv-bits) is not supported for MiniMax-M3's sparse "
-            "attention layers yet; run without --kv-bits"
-        )
+        """The quantized sparse cache (K/V and index keys; mlx-lm's QuantizedKVCache would
+        drop the index keys). Called by mlx-lm's maybe_quantize_kv_cache for --kv-bits."""
+        from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
+
+        index_bits = getattr(self, "index_bits", None) or DEFAULT_INDEX_BITS
+        return QuantizedSparseKVCache.from_sparse(self, group_size, bits, index_bits)
 
     @property
     def nbytes(self):

@@ -25,9 +25,9 @@ from __future__ import annotations
 from functools import partial
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from . import msa
+from . import kvquant, msa
 from .cache import SparseKVCache
 
 
@@ -40,8 +40,8 @@ def usable(layer, x: mx.array, cache) -> bool:
         return False
     attn = layer.self_attn
     if not attn.is_sparse:
-        return type(cache) is KVCache
-    if not isinstance(cache, SparseKVCache) or cache.index_keys is None:
+        return type(cache) in (KVCache, QuantizedKVCache)
+    if not isinstance(cache, (SparseKVCache, kvquant.QuantizedSparseKVCache)) or cache.index_keys is None:
         return False
     n_blocks = msa.n_blocks_for(cache.offset + 1, attn.block_size)
     n_idx = attn.indexer.n_heads
@@ -73,12 +73,12 @@ def step(layer, x: mx.array, cache) -> mx.array:
         q, k, v, idx_q, idx_k = pre(x, pos)
         cache.update_index(idx_k)
         cache.update_and_fetch(k, v)
-        attend = msa.compiled_decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks)
+        attend = kvquant.decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks, cache)
         o = attend(q, idx_q, cache.keys, cache.values, cache.index_keys, pos)
     else:
         q, k, v = pre(x, pos)
         keys, values = cache.update_and_fetch(k, v)
-        o = msa.dense_attention(q, keys, values, attn.scale)
+        o = kvquant.dense_attention(q, keys, values, attn.scale, cache)
     return post(x, o)
 
 

@@ -100,7 +100,11 @@ class TextModel(nn.Module):
             h = st.send(h)
             if cache and cache[-1] is not None:
                 # Evaluating the cache (as mlx-lm's prefill does) must also perform the send.
-                cache[-1].keys = mx.depends(cache[-1].keys, h)
+                keys = cache[-1].keys
+                if isinstance(keys, (tuple, list)):  # a quantized cache: (words, scales, biases)
+                    cache[-1].keys = (mx.depends(keys[0], h), *keys[1:])
+                else:
+                    cache[-1].keys = mx.depends(keys, h)
         return self.norm(st.gather_output(h))
 
 
@@ -131,6 +135,10 @@ class Model(nn.Module):
             self.vision_tower, self.multi_modal_projector = vision.vision_modules(args)
         self.tensor_group = None  # set by shard()
         self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
+        # Index-key bits of the caches make_cache builds (--index-bits; kvquant.INDEX_BITS):
+        # 16 / 32 store them in the model dtype / float32; 4 / 8 apply once --kv-bits
+        # quantizes the cache. None: index_cache_dtype, and 8 bits once quantized.
+        self.index_bits = None
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None,
                  input_embeddings: Optional[mx.array] = None) -> mx.array:
@@ -222,8 +230,10 @@ class Model(nn.Module):
     # -- mlx-lm's contract --------------------------------------------------------------------
     def make_cache(self) -> List[Any]:
         """One cache per layer: SparseKVCache (K, V and index keys) on MSA layers."""
+        bits = self.index_bits
         return [
-            SparseKVCache(self.args.index_block_size, layer.self_attn.index_dtype)
+            SparseKVCache(self.args.index_block_size,
+                          {16: None, 32: "float32"}.get(bits, layer.self_attn.index_dtype), bits)
             if layer.self_attn.is_sparse else KVCache()
             for layer in self.layers
         ]

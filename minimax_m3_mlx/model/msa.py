@@ -37,13 +37,14 @@ def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_siz
     q: [B, H, L, D] index queries for positions offset .. offset+L-1.
     index_keys: [B, 1, C, D] with C >= ceil((offset+L)/block_size)*block_size; slots at or
       past offset+L may hold anything (they are future to every query and masked).
-    Float32 keys give the reference's float32 scores exactly; keys in a narrower dtype
-    are scored in that dtype (the approximate, half-bandwidth mode).
+    Scores are float32 products of the stored keys, as the reference's (which upcasts its
+    model-dtype keys to score): keys stored in the model dtype are upcast tile by tile,
+    quantized ones (kvquant.QuantizedRows) dequantized to float32 tile by tile.
     Returns float32 [B, H, L, n_blocks].
     """
     B, H, L, D = q.shape
     n_blocks = -(-(offset + L) // block_size)
-    q = q.astype(index_keys.dtype)
+    q = q.astype(mx.float32)
     # Blocks wholly at or before the first query need no causal mask: at decode that is
     # all but the last block, so the mask costs one block, not the whole context.
     unmasked = min(n_blocks, (offset + 1) // block_size)
@@ -54,13 +55,20 @@ def index_block_scores(q: mx.array, index_keys: mx.array, offset: int, block_siz
         for b0 in range(lo, hi, tile_blocks):
             b1 = min(hi, b0 + tile_blocks)
             k0, k1 = b0 * block_size, b1 * block_size
-            s = _scores(q, index_keys[:, :, k0:k1, :])  # [B, H, L, T]
+            s = _scores(q, _index_rows(index_keys, k0, k1))  # [B, H, L, T]
             if masked:
                 s = mx.where(mx.arange(k0, k1)[None, :] <= q_pos, s, -mx.inf)
             pooled.append(s.reshape(B, H, L, b1 - b0, block_size).max(axis=-1).astype(mx.float32))
             if L > 1 and n_blocks > tile_blocks:
                 mx.eval(pooled[-1])  # bound the live score tiles to one (see sparse_attention)
     return pooled[0] if len(pooled) == 1 else mx.concatenate(pooled, axis=-1)
+
+
+def _index_rows(index_keys, k0: int, k1: int) -> mx.array:
+    """Index-key slots k0..k1 as float32, from a plain buffer or quantized rows."""
+    if hasattr(index_keys, "rows"):
+        return index_keys.rows(k0, k1, mx.float32)
+    return index_keys[:, :, k0:k1, :].astype(mx.float32)
 
 
 def _scores(q: mx.array, keys: mx.array) -> mx.array:
@@ -118,12 +126,22 @@ def gather_blocks(buf: mx.array, block_ids: mx.array, block_size: int) -> mx.arr
     B, H, C, D = buf.shape
     rows = buf.reshape(B * H * (C // block_size), block_size * D)
     word = _word(buf.dtype)
+    if word is not None and (block_size * D * buf.dtype.size) % word.size:
+        word = None  # a row that is not whole words (a quantized cache's scales) moves as is
     if word is not None:
         rows = rows.view(word)
     out = mx.take(rows, block_ids.reshape(-1), axis=0)
     if word is not None:
         out = out.view(buf.dtype)
     return out.reshape(*block_ids.shape, block_size, D)
+
+
+def _gather(buf, block_ids: mx.array, block_size: int) -> mx.array:
+    """gather_blocks of a plain buffer, or of quantized rows (kvquant.QuantizedRows: the
+    selected blocks' words, scales and biases gathered, then dequantized)."""
+    if hasattr(buf, "gather_blocks"):
+        return buf.gather_blocks(block_ids, block_size)
+    return gather_blocks(buf, block_ids, block_size)
 
 
 def flat_block_ids(blk: mx.array, kv_head_of_group, n_kv_heads: int, blocks_per_row: int) -> mx.array:
@@ -163,8 +181,8 @@ def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_s
         Lt = l1 - l0
         # (b, query, group, slot) order: the gathered rows are already SDPA's layout
         ids = ids_all[:, :, l0:l1].transpose(0, 2, 1, 3)  # [B, Lt, G, k]
-        kg = gather_blocks(keys_buf, ids, bs).reshape(B * Lt, G, k * bs, D)
-        vg = gather_blocks(values_buf, ids, bs).reshape(B * Lt, G, k * bs, Dv)
+        kg = _gather(keys_buf, ids, bs).reshape(B * Lt, G, k * bs, D)
+        vg = _gather(values_buf, ids, bs).reshape(B * Lt, G, k * bs, Dv)
         blk = idx[:, :, l0:l1].transpose(0, 2, 1, 3)  # [B, Lt, G, k]
         key_pos = blk[..., None] * bs + slot  # [B, Lt, G, k, bs]
         if isinstance(offset, mx.array):  # one position per row (a BatchSparseCache)
@@ -185,7 +203,8 @@ def sparse_attention(q, keys_buf, values_buf, idx, valid, offset, scale, block_s
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 
-def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, topk, local_blocks):
+def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, topk, local_blocks,
+                 kv_quant=None, index_quant=None, rows=None, words_attention=None):
     """Selection and attention of one decode token of an MSA layer, as one graph.
 
     Every shape depends only on the cache capacity, never on the position (an int32
@@ -197,12 +216,19 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     The own block is gathered whole and its future slots masked; the other topk-1 kept
     blocks are past blocks, whole. Scores run over the whole capacity with future slots
     at -inf (at most one allocation step more than the context).
+
+    A quantized cache passes its (words, scales, biases) triples, with kv_quant /
+    index_quant = (group_size, bits) and `rows` to address them (kvquant.decode_step):
+    the selected blocks' triples are gathered, then dequantized, or attended by
+    `words_attention` (quantized matmuls over the gathered words).
     """
+    if rows is not None:
+        keys, values, index_keys = rows(keys, kv_quant), rows(values, kv_quant), rows(index_keys, index_quant)
     B, Hq, _, D = q.shape
     Hkv, C = keys.shape[1], keys.shape[2]
     bs = block_size
     nb = C // bs
-    s = _scores(idx_q.astype(index_keys.dtype), index_keys)  # [B, G, 1, C]
+    s = _scores(idx_q.astype(mx.float32), _index_rows(index_keys, 0, C))  # [B, G, 1, C]
     s = mx.where(mx.arange(C) <= pos, s, -mx.inf)
     s = s.reshape(B, Hkv, nb, bs).max(axis=-1).astype(mx.float32)  # [B, G, nb]
     blocks = mx.arange(nb)
@@ -214,10 +240,12 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
     idx = mx.concatenate([idx, mx.broadcast_to(q_block, (B, Hkv, 1)).astype(idx.dtype)], axis=-1)
     base = (mx.arange(B).reshape(B, 1, 1) * Hkv + mx.arange(Hkv).reshape(1, Hkv, 1)) * nb
     ids = (idx + base).astype(mx.int32)
-    kg = gather_blocks(keys, ids, bs).reshape(B, Hkv, topk * bs, D)
-    vg = gather_blocks(values, ids, bs).reshape(B, Hkv, topk * bs, values.shape[-1])
     # the own block's slots after the query are its future
     mask = mx.arange(topk * bs) <= (topk - 1) * bs + pos - q_block * bs
+    if words_attention is not None:
+        return words_attention(q, keys, values, ids, mask, scale, topk * bs).transpose(0, 2, 1, 3)
+    kg = _gather(keys, ids, bs).reshape(B, Hkv, topk * bs, D)
+    vg = _gather(values, ids, bs).reshape(B, Hkv, topk * bs, values.shape[-1])
     o = mx.fast.scaled_dot_product_attention(q, kg, vg, scale=scale, mask=mask.reshape(1, 1, 1, -1))
     return o.transpose(0, 2, 1, 3)
 
@@ -225,12 +253,13 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
 _COMPILED_STEPS = {}
 
 
-def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int):
-    """One compiled `_decode_step` per distinct layer constants, shared by all layers."""
-    key = (scale, block_size, topk, local_blocks)
+def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int, **quant):
+    """One compiled `_decode_step` per distinct layer constants, shared by all layers
+    (`quant`: a quantized cache's settings, see kvquant.decode_step)."""
+    key = (scale, block_size, topk, local_blocks, tuple(sorted(quant.items())))
     if key not in _COMPILED_STEPS:
         _COMPILED_STEPS[key] = mx.compile(partial(_decode_step, scale=scale, block_size=block_size,
-                                                  topk=topk, local_blocks=local_blocks))
+                                                  topk=topk, local_blocks=local_blocks, **quant))
     return _COMPILED_STEPS[key]
 
 

@@ -72,22 +72,36 @@ def rank_usage(args, table: Dict[str, TensorInfo], tensor: int, pipeline: int, r
     return RankUsage(rank, stage, t_rank, (start, end), tensors, total, rep, shard, keep_embed)
 
 
+def _row_bytes(dim: int, bits: Optional[int], group_size: int, dtype_bytes: int) -> int:
+    """Bytes of one cached row of `dim` values: plain (bits 16 / 32 / None) or mx.quantize's
+    packed words plus a scale and a bias per group, in the model dtype."""
+    if bits in (4, 8):
+        return dim * bits // 8 + 2 * (dim // group_size) * dtype_bytes
+    return dim * (4 if bits == 32 else dtype_bytes)
+
+
 def cache_bytes(args, context: int, tensor: int = 1, layers: Optional[Tuple[int, int]] = None,
-                batch: int = 1, dtype_bytes: int = 2) -> Tuple[int, int]:
+                batch: int = 1, dtype_bytes: int = 2, kv_bits: Optional[int] = None,
+                index_bits: Optional[int] = None, group_size: int = 64) -> Tuple[int, int]:
     """(K+V bytes, index-key bytes) of one rank's caches after `context` tokens.
 
-    Counts what the caches allocate: mlx-lm's KVCache and SparseKVCache grow in steps
-    (sizes.cache_step: the same formula), so this is the buffers' size.
+    Counts what the caches allocate: mlx-lm's KVCache / QuantizedKVCache and SparseKVCache /
+    QuantizedSparseKVCache grow in steps (sizes.cache_step: the same formula), so this is
+    the buffers' size. `kv_bits` (--kv-bits) quantizes K/V and, at 8 bits unless
+    `index_bits` says otherwise, the index keys.
     """
     start, end = layers or (0, args.num_hidden_layers)
     kv = idx = 0
-    idx_bytes = 4 if getattr(args, "index_cache_dtype", "model") == "float32" else dtype_bytes
+    if index_bits is None:
+        index_bits = 8 if kv_bits else 32 if getattr(args, "index_cache_dtype", "model") == "float32" else None
+    kv_row = _row_bytes(args.head_dim, kv_bits, group_size, dtype_bytes)
+    idx_row = _row_bytes(args.index_head_dim, index_bits, group_size, dtype_bytes)
     for i in range(start, end):
         step = cache_step(args.index_block_size if args.is_sparse_attention(i) else None)
         cap = ceil_div(context, step) * step if context > 0 else 0
-        kv += 2 * batch * (args.num_key_value_heads // tensor) * cap * args.head_dim * dtype_bytes
+        kv += 2 * batch * (args.num_key_value_heads // tensor) * cap * kv_row
         if args.is_sparse_attention(i):
-            idx += batch * cap * args.index_head_dim * idx_bytes
+            idx += batch * cap * idx_row
     return kv, idx
 
 

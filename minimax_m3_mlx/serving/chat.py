@@ -21,6 +21,7 @@ from .generate import (
     Printer,
     PromptCache,
     add_common_args,
+    apply_cache_args,
     chat_prompt,
     generate,
     make_cli_sampler,
@@ -42,11 +43,13 @@ class ChatSession:
     """A conversation with its prompt cache; `ask` runs one turn."""
 
     def __init__(self, model, tokenizer, *, thinking: str = "adaptive", system_prompt=None,
-                 max_tokens: int = 256, sampler=None, prefill_step_size: int = 2048):
+                 max_tokens: int = 256, sampler=None, prefill_step_size: int = 2048, cache_options=None):
         self.model, self.tokenizer = model, tokenizer
         self.thinking = thinking
         self.system_prompt = system_prompt
         self.max_tokens, self.sampler, self.prefill_step_size = max_tokens, sampler, prefill_step_size
+        # kv_bits / kv_group_size / quantized_kv_start for generate (apply_cache_args checked them)
+        self.cache_options = dict(cache_options or {})
         self.cache = PromptCache(model)
         self.reset()
 
@@ -60,7 +63,8 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = chat_prompt(self.tokenizer, messages, thinking=self.thinking)
         gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=self.sampler,
-                       prompt_cache=self.cache, prefill_step_size=self.prefill_step_size, on_text=on_text)
+                       prompt_cache=self.cache, prefill_step_size=self.prefill_step_size, on_text=on_text,
+                       **self.cache_options)
         self.messages = messages
         reply = {"role": "assistant", "content": gen.text}
         if gen.reasoning:
@@ -79,9 +83,16 @@ def main(argv=None, input_fn=input) -> int:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
     model, tokenizer = load(args.model, thinking=args.thinking)
+    try:
+        apply_cache_args(model, args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
-                          prefill_step_size=args.prefill_step_size)
+                          prefill_step_size=args.prefill_step_size,
+                          cache_options=dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                                             quantized_kv_start=args.quantized_kv_start))
     printer = Printer(hide_thinking=args.hide_thinking)
     print(f"[MiniMax-M3 chat, thinking {session.thinking}; {HELP}]")
     while True:

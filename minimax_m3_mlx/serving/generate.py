@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import TextStateMachine, make_text_state_machine, stream_generate
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine, make_text_state_machine, stream_generate
 from mlx_lm.models.cache import (
     can_trim_prompt_cache,
     load_prompt_cache,
@@ -39,6 +39,7 @@ from ..arg_types import non_negative_float, non_negative_int, number, positive_f
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
 from ..loading import load, resolve_path
+from ..model.kvquant import GROUP_SIZES, INDEX_BITS, KV_BITS, check_quantization
 from . import multimodal
 
 DEFAULT_PROMPT = "hello"
@@ -184,14 +185,16 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
              sampler=None, logits_processors=None, prompt_cache: Optional[PromptCache] = None,
              tools: Optional[list] = None, prefill_step_size: int = 2048,
              on_text: Optional[Callable[[str, str], None]] = None,
-             input_embeddings: Optional[mx.array] = None) -> Generation:
+             input_embeddings: Optional[mx.array] = None, kv_bits: Optional[int] = None,
+             kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> Generation:
     """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
 
     `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
     removed). The reply's tool calls are parsed with the tokenizer's tool parser.
     `input_embeddings` ([L, hidden], e.g. from multimodal.prepare) replace the prompt's
     embeddings; such a prompt neither reuses nor records a cached prefix, because every
-    image's placeholder tokens are the same ids.
+    image's placeholder tokens are the same ids. `kv_bits` quantizes every layer's cache
+    (index keys included) once it holds `quantized_kv_start` tokens (mlx-lm's switches).
     """
     room = reply_room(model, len(prompt))  # before the cache is touched: a refusal changes nothing
     capped = room is not None and (max_tokens < 0 or max_tokens > room)
@@ -213,7 +216,8 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     blocks: List[str] = []
     for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
-                                prefill_step_size=prefill_step_size, **extra):
+                                prefill_step_size=prefill_step_size, kv_bits=kv_bits,
+                                kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start, **extra):
         out.tokens.append(resp.token)
         sm_state, segments = TextStateMachine.split(sm_state, bare_think_end(resp.text, resp.finish_reason is not None))
         if resp.finish_reason is not None:
@@ -326,6 +330,40 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
     parser.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
                         help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
+    add_cache_args(parser)
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's KV-quantization switches, plus the index keys' bits (README: bytes per token)."""
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                        help="quantize every layer's K/V cache (and the index keys) to this many bits")
+    parser.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=64,
+                        help="group size of the cache quantization (default 64)")
+    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                        help=f"tokens of context before the cache is quantized (default {DEFAULT_QUANTIZED_KV_START})")
+    parser.add_argument("--index-bits", type=int, choices=INDEX_BITS, default=None,
+                        help="index keys: 4 or 8 (quantized, with --kv-bits; default 8 there), "
+                             "16 (model dtype, the default without --kv-bits) or 32 (float32); scoring is float32")
+
+
+def check_cache_args(args) -> None:
+    """The cache switches that contradict each other, whatever the model."""
+    index_bits = getattr(args, "index_bits", None)
+    if index_bits in KV_BITS and getattr(args, "kv_bits", None) is None:
+        raise ValueError(f"--index-bits {index_bits} quantizes the index keys and needs --kv-bits "
+                         "(without it use 16 or 32)")
+
+
+def apply_cache_args(model, args) -> None:
+    """Check the cache switches against the model and set the index keys' bits on it."""
+    check_cache_args(args)
+    index_bits = getattr(args, "index_bits", None)
+    kv_bits = getattr(args, "kv_bits", None)
+    if kv_bits is not None:
+        a = model.args
+        check_quantization(kv_bits, args.kv_group_size, [("head_dim", a.head_dim), ("index_head_dim", a.index_head_dim)],
+                           index_bits)
+    model.index_bits = index_bits
 
 
 def make_cli_sampler(args):
@@ -397,6 +435,11 @@ def main(argv=None) -> int:
         else:
             ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
 
+    try:
+        apply_cache_args(model, args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     cache = PromptCache(model)
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
@@ -405,7 +448,8 @@ def main(argv=None) -> int:
     print("=" * 10)
     gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
                    prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
-                   input_embeddings=embeddings)
+                   input_embeddings=embeddings, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                   quantized_kv_start=args.quantized_kv_start)
     printer.finish(gen)
     print("=" * 10)
     if not gen.tokens:

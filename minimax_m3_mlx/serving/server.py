@@ -69,7 +69,7 @@ from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparse
 from ..loading import check_folder, load, resolve_path
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .cluster import ClusterError, ClusterFollowing, follow_signals
-from .generate import ContextLimitError, reply_room
+from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .request_checks import _check_messages, _check_stop, _check_tools, _thinking_from_request
 from .http_errors import OpenAIErrorBodies, RequestError
 
@@ -104,6 +104,7 @@ class MiniMaxModelProvider(ModelProvider):
         model, tokenizer = load(path, group=group, mode=self.cli_args.parallel, tokenizer_config=tokenizer_config,
                                 thinking=self.cli_args.thinking)
 
+        apply_cache_args(model, self.cli_args)  # --index-bits on the caches mlx-lm makes
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
@@ -444,6 +445,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
+    add_cache_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -452,7 +454,8 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
                     use_default_chat_template=False, decode_concurrency=8, prompt_concurrency=4,
-                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False)
+                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False,
+                    index_bits=None)
     for k, v in defaults.items():
         if not hasattr(args, k):
             setattr(args, k, v)
@@ -473,6 +476,7 @@ class Server:
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
         check_batching(self.args)
+        check_cache_args(self.args)  # before the model loads, in the generation thread
         if mx.distributed.init().rank() == 0:  # the rank that listens
             settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
