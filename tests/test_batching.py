@@ -21,6 +21,7 @@ from mlx_lm.models.cache import BatchKVCache
 from minimax_m3_mlx import synthetic
 from minimax_m3_mlx.model.batch_cache import BatchSparseCache
 from minimax_m3_mlx.model.cache import SparseKVCache
+from minimax_m3_mlx.model.kvquant import QuantizedSparseKVCache
 from test_decode import rel, tiny_model
 
 LENGTHS = [5, 37, 230, 100]  # one row below top-k blocks, the others above; 225 tokens apart
@@ -43,12 +44,12 @@ def _filled(model, prompt):
     return cache
 
 
-def _single(n, seed, block_size=4):
+def _single(n, seed, block_size=4, dim=8):
     """A SparseKVCache holding n random tokens."""
     c = SparseKVCache(block_size)
     if n:
         r = np.random.default_rng(seed)
-        k, v, i = (mx.array(r.standard_normal((1, h, n, 8)).astype(np.float32)) for h in (2, 2, 1))
+        k, v, i = (mx.array(r.standard_normal((1, h, n, dim)).astype(np.float32)) for h in (2, 2, 1))
         c.update_index(i)
         c.update_and_fetch(k, v)
     return c
@@ -153,6 +154,100 @@ def test_batch_generator_tokens_equal_each_sequence_alone(model):
         assert got[u] == want
 
 
+# -- quantized (--kv-bits) -------------------------------------------------------------------------
+
+GS = 32  # the tiny heads are 32 wide
+
+
+def _quantized_single(n, seed, bits=4, index_bits=8):
+    return _single(n, seed, dim=GS).to_quantized(GS, bits) if n else QuantizedSparseKVCache(4, GS, bits, index_bits)
+
+
+def _parts(buf):
+    return list(buf) if isinstance(buf, tuple) else [buf]
+
+
+def test_quantized_merge_extend_filter_extract_equal_single_caches():
+    singles = [_quantized_single(n, s) for s, n in enumerate([0, 3, 17, 300])]
+    batch = QuantizedSparseKVCache.merge(singles)
+    assert isinstance(batch, BatchSparseCache) and batch.kv_quant == (GS, 4) and batch.index_quant == (GS, 8)
+
+    def same(row, single):
+        got = batch.extract(row)
+        assert isinstance(got, QuantizedSparseKVCache) and got.offset == single.offset
+        if single.offset:
+            for g, w in zip(got.state[:3], single.state[:3]):
+                assert all(mx.array_equal(a, b) for a, b in zip(_parts(g), _parts(w)))
+
+    for i, c in enumerate(singles):
+        same(i, c)
+    more = [_quantized_single(n, 10 + s) for s, n in enumerate([600, 1])]
+    batch.extend(QuantizedSparseKVCache.merge(more))
+    rows = singles + more
+    for i, c in enumerate(rows):
+        same(i, c)
+    batch.filter([4, 1])
+    same(0, more[0])
+    same(1, singles[1])
+    # a plain cache among quantized ones is quantized as mlx-lm's to_quantized would
+    mixed = BatchSparseCache.merge([_single(9, 5, dim=GS), _quantized_single(3, 6)])
+    assert mixed.kv_quant == (GS, 4)
+    want = _single(9, 5, dim=GS).to_quantized(GS, 4)
+    assert all(mx.array_equal(a, b) for a, b in zip(mixed.extract(0).state[0], want.state[0]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_batched_decode_logits_equal_each_sequence_alone(model, bits):
+    """--kv-bits with batching: every layer's rows quantized as alone (float32, rel < 1e-4)."""
+    prompts, steps = _prompts(), 6
+    nxt = mx.array(np.random.default_rng(2).integers(0, 256, size=(len(prompts), steps)))
+
+    def filled(p):
+        cache = model.make_cache(kv_bits=bits, kv_group_size=GS)
+        model(mx.array([p]), cache=cache)
+        return cache
+
+    alone = []
+    for i, p in enumerate(prompts):
+        cache = filled(p)
+        assert all(isinstance(c, QuantizedSparseKVCache) for c in cache)
+        alone.append(np.array(mx.concatenate([model(nxt[i:i + 1, t:t + 1], cache=cache) for t in range(steps)], 1)))
+    caches = [filled(p) for p in prompts]
+    batch = [type(c).merge([cs[j] for cs in caches]) for j, c in enumerate(caches[0])]
+    assert all(isinstance(b, BatchSparseCache) and b.kv_quant == (GS, bits) for b in batch)
+    assert batch[1].index_quant == (GS, 8) and batch[1].index_keys is not None and batch[0].index_keys is None
+    out = np.array(mx.concatenate([model(nxt[:, t:t + 1], cache=batch) for t in range(steps)], 1))
+    for i in range(len(prompts)):
+        assert rel(out[i], alone[i][0]) < 1e-4, (LENGTHS[i], rel(out[i], alone[i][0]))
+    back = batch[1].extract(2)
+    assert isinstance(back, QuantizedSparseKVCache) and back.offset == LENGTHS[2] + steps
+
+
+def test_quantized_batch_generator_tokens_equal_each_sequence_alone(model):
+    """BatchGenerator over caches quantized from the first token (what the server makes
+    under --kv-bits): right-padded prefill in chunks, rows joining and leaving."""
+    prompts = _prompts(seed=4)
+    max_tokens = [12, 5, 12, 8]
+
+    def fresh():
+        return model.make_cache(kv_bits=4, kv_group_size=GS)
+
+    alone = [[t for (t, _), _ in zip(generate_step(mx.array(p), model, max_tokens=n, prompt_cache=fresh()), range(n))]
+             for p, n in zip(prompts, max_tokens)]
+    gen = BatchGenerator(model, completion_batch_size=4, prefill_batch_size=2, prefill_step_size=64)
+    uids = gen.insert(prompts, max_tokens, caches=[fresh() for _ in prompts])
+    got = {u: [] for u in uids}
+    while True:
+        prompt_responses, responses = gen.next()
+        if not prompt_responses and not responses:
+            break
+        for r in responses:
+            got[r.uid].append(r.token)
+    gen.close()
+    for u, want in zip(uids, alone):
+        assert got[u] == want
+
+
 # -- the server ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -240,10 +335,32 @@ def test_concurrent_requests_reach_more_throughput(client):
     assert together > 1.3 * alone, rounds
 
 
-def test_kv_bits_with_batching_is_refused_in_one_line(ckpt):
+
+
+def test_kv_bits_server_batches_quantized_caches(ckpt, monkeypatch):
+    """--kv-bits with batching: concurrent replies equal the same requests one at a time,
+    decoded together over quantized batch caches on every layer."""
     from minimax_m3_mlx.serving.server import Server, setup_arg_parser
 
-    args = setup_arg_parser().parse_args(["--model", str(ckpt), "--port", "0"])
-    args.kv_bits = 4
-    with pytest.raises(ValueError, match="--kv-bits does not work with batching yet"):
-        Server(args)
+    seen = []
+    write = BatchSparseCache.update_and_fetch
+
+    def recording(self, k, v):
+        seen.append((k.shape[0], self.kv_quant))
+        return write(self, k, v)
+
+    monkeypatch.setattr(BatchSparseCache, "update_and_fetch", recording)
+    srv = Server(setup_arg_parser().parse_args(
+        ["--model", str(ckpt), "--port", "0", "--kv-bits", "4", "--kv-group-size", "32",
+         "--decode-concurrency", "4", "--prompt-cache-size", "0"])).start()
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", max_retries=0, timeout=120)
+        words = "the quick brown fox jumps over a lazy dog".split()
+        asks = [("Hi", 16), (" ".join(words * 9), 12), ("Tell me a story", 16), (" ".join(words * 3), 10)]
+        alone = [_ask(c, text, n) for text, n in asks]
+        seen.clear()
+        together = _concurrently(lambda text, n: _ask(c, text, n), asks)
+    finally:
+        srv.shutdown()
+    assert max(b for b, _ in seen) >= 3 and {q for _, q in seen} == {(32, 4)}
+    assert together == alone

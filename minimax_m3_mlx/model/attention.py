@@ -70,8 +70,9 @@ class Attention(nn.Module):
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
 
-        if self.is_sparse and isinstance(cache, BatchSparseCache):
-            out = batch_msa.attend(self, x, q, k, v, cache)
+        if isinstance(cache, BatchSparseCache):
+            out = (batch_msa.attend(self, x, q, k, v, cache) if self.is_sparse
+                   else batch_msa.attend_full(q, k, v, cache, self.scale))
         elif self.is_sparse:
             out = self._sparse(x, q, k, v, cache, offset)
         else:

@@ -24,7 +24,7 @@ def usable(layer, x: mx.array, cache) -> bool:
         return False
     attn = layer.self_attn
     if not attn.is_sparse:
-        return type(cache) is BatchKVCache
+        return type(cache) in (BatchKVCache, BatchSparseCache)
     if not isinstance(cache, BatchSparseCache) or cache.index_keys is None:
         return False
     n_idx = attn.indexer.n_heads
@@ -50,8 +50,11 @@ def step(layer, x: mx.array, cache) -> mx.array:
         q, k, v, idx_q, idx_k = pre(x, pos)
         cache.update_index(idx_k)
         cache.update_and_fetch(k, v)
-        attend = batch_msa.compiled_decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks)
+        attend = batch_msa.compiled_decode_step(attn.scale, attn.block_size, attn.topk, attn.local_blocks, cache)
         o = attend(q, idx_q, cache.keys, cache.values, cache.index_keys, pos)
+    elif isinstance(cache, BatchSparseCache):  # the quantized batch's full-attention layers
+        q, k, v = pre(x, pos)
+        o = batch_msa.attend_full(q, k, v, cache, attn.scale)
     else:
         q, k, v = pre(x, pos)
         mask = cache.make_mask(1)  # before the write: it hides each row's left padding

@@ -40,7 +40,7 @@ def usable(layer, x: mx.array, cache) -> bool:
         return False
     attn = layer.self_attn
     if not attn.is_sparse:
-        return type(cache) in (KVCache, QuantizedKVCache)
+        return type(cache) in (KVCache, QuantizedKVCache, kvquant.QuantizedSparseKVCache)
     if not isinstance(cache, (SparseKVCache, kvquant.QuantizedSparseKVCache)) or cache.index_keys is None:
         return False
     n_blocks = msa.n_blocks_for(cache.offset + 1, attn.block_size)

@@ -155,7 +155,11 @@ class QuantizedSparseKVCache(_BaseCache):
         if self.keys is None:
             return (None, None, None, *meta)
         n = self.offset
-        cut = lambda t: tuple(p[..., :n, :] for p in t) if isinstance(t, tuple) else t[..., :n, :]  # noqa: E731
+        def cut(t):  # (no index keys on a full-attention layer)
+            if t is None:
+                return None
+            return tuple(p[..., :n, :] for p in t) if isinstance(t, tuple) else t[..., :n, :]
+
         return (cut(self.keys), cut(self.values), cut(self.index_keys), *meta)
 
     @state.setter
@@ -217,10 +221,17 @@ class QuantizedSparseKVCache(_BaseCache):
             return self
         raise ValueError(f"this cache is already quantized at {self.bits} bits, group size {self.group_size}")
 
+    # The batch cache merge() makes: batch_cache.BatchSparseCache, which sets itself here
+    # (it builds on this module).
+    batch_class = None
+
     @classmethod
     def merge(cls, caches):
-        raise ValueError("batched generation over several prompt caches is not supported for "
-                         "MiniMax-M3's sparse attention layers yet")
+        """mlx-lm's batched generation merges per-request caches: into a quantized
+        BatchSparseCache (mlx-lm's own QuantizedKVCache cannot be batched at all)."""
+        if cls.batch_class is None:
+            raise ValueError("import minimax_m3_mlx.model.batch_cache before batching quantized caches")
+        return cls.batch_class.merge(caches)
 
     @property
     def nbytes(self):
@@ -245,11 +256,11 @@ def dense_attention(q, keys, values, scale: float, cache=None, mask=None):
         return plain(q, keys, values, scale, mask)
     gs, bits = quant
     if q.shape[2] == 1:
-        o = quantized_scaled_dot_product_attention(q, keys, values, scale=scale, mask=None, group_size=gs, bits=bits)
+        o = quantized_scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask, group_size=gs, bits=bits)
         return o.transpose(0, 2, 1, 3)
     k = mx.dequantize(*keys, group_size=gs, bits=bits)
     v = mx.dequantize(*values, group_size=gs, bits=bits)
-    return plain(q, k, v, scale)
+    return plain(q, k, v, scale, mask)
 
 
 def decode_step(scale: float, block_size: int, topk: int, local_blocks: int, cache):

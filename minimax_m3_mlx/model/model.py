@@ -17,6 +17,7 @@ from ..weights.sharding import (
 from . import batch_decode, decode, vision
 from .attention import Attention
 from .cache import SparseKVCache
+from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
 from .collectives import Stages, all_sum
 from .layers import DenseMLP, GemmaRMSNorm
 from .moe import SparseMoeBlock
@@ -228,9 +229,19 @@ class Model(nn.Module):
         return self
 
     # -- mlx-lm's contract --------------------------------------------------------------------
-    def make_cache(self) -> List[Any]:
-        """One cache per layer: SparseKVCache (K, V and index keys) on MSA layers."""
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:
+        """One cache per layer: SparseKVCache (K, V and index keys) on MSA layers.
+
+        kv_bits: quantized from the first token (kvquant.QuantizedSparseKVCache on every
+        layer, without index keys on full-attention ones: unlike mlx-lm's QuantizedKVCache
+        it merges into a batch). mlx-lm's own route, to_quantized after
+        --quantized-kv-start tokens, starts from the plain caches made without it.
+        """
         bits = self.index_bits
+        if kv_bits is not None:
+            index_bits = DEFAULT_INDEX_BITS if bits is None else bits
+            return [QuantizedSparseKVCache(self.args.index_block_size, kv_group_size, kv_bits, index_bits)
+                    for _ in self.layers]
         return [
             SparseKVCache(self.args.index_block_size,
                           {16: None, 32: "float32"}.get(bits, layer.self_attn.index_dtype), bits)

@@ -333,14 +333,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     add_cache_args(parser)
 
 
-def add_cache_args(parser: argparse.ArgumentParser) -> None:
-    """mlx-lm's KV-quantization switches, plus the index keys' bits (README: bytes per token)."""
+def add_cache_args(parser: argparse.ArgumentParser, start: bool = True) -> None:
+    """mlx-lm's KV-quantization switches, plus the index keys' bits (README: bytes per token).
+    start=False: no --quantized-kv-start (the server quantizes from the first token)."""
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                         help="quantize every layer's K/V cache (and the index keys) to this many bits")
     parser.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=64,
                         help="group size of the cache quantization (default 64)")
-    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
-                        help=f"tokens of context before the cache is quantized (default {DEFAULT_QUANTIZED_KV_START})")
+    if start:
+        parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                            help=f"tokens of context before the cache is quantized "
+                                 f"(default {DEFAULT_QUANTIZED_KV_START})")
     parser.add_argument("--index-bits", type=int, choices=INDEX_BITS, default=None,
                         help="index keys: 4 or 8 (quantized, with --kv-bits; default 8 there), "
                              "16 (model dtype, the default without --kv-bits) or 32 (float32); scoring is float32")

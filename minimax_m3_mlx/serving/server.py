@@ -26,7 +26,9 @@ and streaming are used as they are); what differs:
   into model/batch_cache.BatchSparseCache, which keeps every sequence at its own positions
   so that its block selection is the one it would have alone; `--decode-concurrency`
   (mlx-lm's flag) bounds the batch, and 1 serves one request at a time on the
-  single-request path. `--kv-bits` with batching is refused (no quantized batch cache yet);
+  single-request path. Under `--kv-bits` every cache is quantized from its first token
+  (batched or not; mlx-lm's server serves one at a time under --kv-bits), so
+  `--quantized-kv-start` is not a server option;
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
   abort at exit);
 - the end of a reply is not lost: mlx-lm's handler drops the text it holds back as a
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, TextStateMachine
+from mlx_lm.generate import TextStateMachine
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
     APIHandler,
@@ -145,6 +147,11 @@ class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
         finally:
             self.loaded.set()
         super()._generate()  # finds the model loaded
+
+    def _is_batchable(self, args):
+        # mlx-lm also excludes --kv-bits: its caches cannot be batched once quantized; ours
+        # can (_PromptCaches). A seeded request still runs alone, as mlx-lm runs it.
+        return self.model_provider.is_batchable and args.seed is None
 
     def _run_generate(self):
         try:
@@ -445,7 +452,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
-    add_cache_args(p)
+    add_cache_args(p, start=False)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -454,7 +461,7 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes mlx-lm's server reads from its own argument parser, for options we do not offer."""
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
                     use_default_chat_template=False, decode_concurrency=8, prompt_concurrency=4,
-                    kv_bits=None, kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START, pipeline=False,
+                    kv_bits=None, kv_group_size=64, quantized_kv_start=0, pipeline=False,
                     index_bits=None)
     for k, v in defaults.items():
         if not hasattr(args, k):
@@ -462,11 +469,22 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_batching(args: argparse.Namespace) -> None:
-    """Refuse option combinations the batched path cannot honour, in one line."""
-    if getattr(args, "kv_bits", None) and args.decode_concurrency > 1:
-        # mlx-lm would silently serve one at a time; BatchSparseCache has no quantized form yet.
-        raise ValueError("--kv-bits does not work with batching yet: add --decode-concurrency 1")
+class _PromptCaches(LRUPromptCache):
+    """mlx-lm's LRU prompt cache, whose misses under --kv-bits are caches quantized from the
+    first token (Model.make_cache): they merge into a batch, and mlx-lm's server, which
+    quantizes only after --quantized-kv-start on its one-at-a-time path, batches nothing
+    under --kv-bits."""
+
+    def __init__(self, max_size: int, provider: ModelProvider):
+        super().__init__(max_size)
+        self._provider = provider
+
+    def fetch_nearest_cache(self, model, tokens):
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        args = self._provider.cli_args
+        if cache is None and args.kv_bits is not None:
+            cache = self._provider.model.make_cache(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+        return cache, rest
 
 
 class Server:
@@ -475,12 +493,11 @@ class Server:
 
     def __init__(self, args: argparse.Namespace):
         self.args = _cli_args(args)
-        check_batching(self.args)
         check_cache_args(self.args)  # before the model loads, in the generation thread
         if mx.distributed.init().rank() == 0:  # the rank that listens
             settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
-        self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
+        self.response_generator = MiniMaxResponseGenerator(self.provider, _PromptCaches(self.args.prompt_cache_size, self.provider))
         self.httpd, self.host, self.port, self._thread = None, None, None, None
         if self.response_generator.follows:
             self.response_generator.wait_loaded()
