@@ -4,7 +4,8 @@
 
 As the CLI, except that on the last rank preparing a request whose text holds FAIL_MARK
 raises: a failure on one rank only, which the server must turn into an error for that
-request's client while every rank goes on serving.
+request's client while every rank goes on serving; and each rank prints the widest batch
+its sparse caches have held so far.
 """
 
 from __future__ import annotations
@@ -15,8 +16,22 @@ import mlx.core as mx
 import mlx_lm.server
 
 from minimax_m3_mlx.cli import main
+from minimax_m3_mlx.model.batch_cache import BatchSparseCache
 
 FAIL_MARK = "please fail on the last rank"
+
+
+def _report_batch_width(original):
+    """Print each new widest batch (the test reads it from the log: rows decoded together)."""
+    widest = [1]
+
+    def update_and_fetch(self, keys, values):
+        if keys.shape[0] > widest[0]:
+            widest[0] = keys.shape[0]
+            print(f"rank {mx.distributed.init().rank()}: batch width {widest[0]}", flush=True)
+        return original(self, keys, values)
+
+    return update_and_fetch
 
 
 def _failing_tokenize(original):
@@ -30,6 +45,7 @@ def _failing_tokenize(original):
 
 if __name__ == "__main__":
     group = mx.distributed.init()
+    BatchSparseCache.update_and_fetch = _report_batch_width(BatchSparseCache.update_and_fetch)
     if group.size() > 1 and group.rank() == group.size() - 1:
         mlx_lm.server.ResponseGenerator._tokenize = _failing_tokenize(mlx_lm.server.ResponseGenerator._tokenize)
     sys.exit(main(["server", *sys.argv[1:]]))

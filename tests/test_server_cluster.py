@@ -5,7 +5,9 @@ fails for its client alone, and Ctrl-C ends every rank."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +55,11 @@ def _ask(client, first_only=False):
     r = client.completions.create(model="default_model", prompt=PROMPT, max_tokens=MAX_TOKENS)
     out.append((r.choices[0].text, r.usage.completion_tokens))
     return out
+
+
+def _chat(client, messages, max_tokens):
+    r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=max_tokens)
+    return r.choices[0].message.content, r.usage.completion_tokens
 
 
 def _client(port):
@@ -105,6 +112,12 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
         _wait_ready(port, proc, log)
         client = _client(port)
         assert _ask(client) == alone
+        # concurrent requests (long enough to overlap), batched on every rank (each prints its
+        # widest batch): the same replies as one at a time
+        asks = [(CHATS[i % 2], 24 + 4 * i) for i in range(4)]
+        one_by_one = [_chat(client, *a) for a in asks]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda a: _chat(client, *a), asks)) == one_by_one
 
         # fails on rank 1 alone: an OpenAI-shaped 500 for this client, and the ranks go on
         with pytest.raises(openai.InternalServerError) as failed:
@@ -127,6 +140,8 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
         proc.wait()
     text = log.read_text()
     assert text.count("Serving ") == 1, text[-3000:]  # rank 0 alone listens
+    for rank in range(2):
+        assert re.search(rf"rank {rank}: batch width [2-4]", text), [line for line in text.splitlines() if "width" in line]
     assert "Address already in use" not in text and "Traceback" not in text, text[-3000:]
 
 

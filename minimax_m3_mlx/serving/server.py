@@ -112,9 +112,10 @@ class MiniMaxModelProvider(ModelProvider):
         self.tokenizer = tokenizer
         self.processor = None  # the server takes text only (see _check_messages); images: generate --image
         self.draft_model = None
-        # mlx-lm batches requests (BatchGenerator) when set; else its single-request path
-        # (always under mlx.launch: the followers of cluster.py replay single requests).
-        self.is_batchable = self.cli_args.decode_concurrency > 1 and not self.is_distributed
+        # mlx-lm batches requests (BatchGenerator) when set; else its single-request path.
+        # Under mlx.launch every rank runs the same batch steps: mlx-lm shares each request,
+        # the number of steps per round and the rows removed (cluster.py).
+        self.is_batchable = self.cli_args.decode_concurrency > 1
 
 
 class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
