@@ -20,6 +20,7 @@ serves.
 
   python scripts/bench_batch.py --contexts 8192,65536 --streams 1,2,4,8 --layers 10 --json out.json
   python scripts/bench_batch.py --tiny     # reduced widths: a CPU smoke run
+  python scripts/bench_batch.py --impls ours --kv-bits 4   # the server's quantized batch caches
 
 At one stream, `batch_path_ms_per_step` is the same stream through the batch caches (what
 the server runs for a lone request when --decode-concurrency > 1).
@@ -44,6 +45,8 @@ import bench_decode as bd  # noqa: E402
 from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
 
 from minimax_m3_mlx.model import batch_decode, decode  # noqa: E402
+from minimax_m3_mlx.model.cache import SparseKVCache  # noqa: E402
+from minimax_m3_mlx.model.kvquant import QuantizedSparseKVCache  # noqa: E402
 
 
 def distinct_rows(model, cfg, scale=30.0):
@@ -57,8 +60,25 @@ def distinct_rows(model, cfg, scale=30.0):
     mx.eval(emb.parameters())
 
 
-def filled_caches(impl, model, S, capacity):
-    return bd.make_caches(impl, model, S, capacity) if impl == "ours" else bd._lm_caches(model, S, capacity)
+def filled_caches(impl, model, S, capacity, kv_quant=None):
+    """Filled single-sequence caches; kv_quant = (group_size, bits): ours quantized on every
+    layer as the server makes them under --kv-bits (QuantizedSparseKVCache, which merges
+    into a batch; mlx-lm's port cannot quantize its cache)."""
+    if impl != "ours":
+        return bd._lm_caches(model, S, capacity)
+    caches = bd.make_caches(impl, model, S, capacity)
+    if kv_quant is not None:
+        caches = [_quantized(c, *kv_quant, model.args.index_block_size) for c in caches]
+        mx.eval([c.state for c in caches])
+    return caches
+
+
+def _quantized(cache, group_size, bits, block_size):
+    if isinstance(cache, SparseKVCache):
+        return cache.to_quantized(group_size, bits)
+    q = QuantizedSparseKVCache(block_size, group_size, bits)  # a full-attention layer: no index keys
+    q.update_and_fetch(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :])
+    return q
 
 
 def merged(singles):
@@ -136,6 +156,7 @@ def run(a):
     bw = bd.measured_bandwidth(bd.GB >> 6 if a.tiny else bd.GB)
     print(f"device={mx.default_device()} mlx={mx.__version__} bandwidth={bw / 1e9:.0f} GB/s", flush=True)
     records = []
+    kv_quant = (a.kv_group_size, a.kv_bits) if a.kv_bits else None
     for impl in a.impls.split(","):
         mx.random.seed(0)
         cfg = bd.text_config(a.layers, a.tiny)
@@ -145,17 +166,22 @@ def run(a):
         n_moe = len(bd.moe_layers(impl, model))
         for S in contexts:
             shared, expert, row = byte_parts(impl, model, S)
+            if kv_quant is not None and impl == "ours":  # a quantized row reads its cache's bytes in proportion
+                plain = filled_caches(impl, model, S, S)
+                row *= sum(c.nbytes for c in filled_caches(impl, model, S, S, kv_quant)) / sum(c.nbytes for c in plain)
+                plain = None
             one = shared + k * expert * n_moe + row
             for n in streams:
-                rec = {"impl": impl, "format": a.format, "context": S, "streams": n, "layers": 3 + a.layers}
+                rec = {"impl": impl, "format": a.format, "context": S, "streams": n, "layers": 3 + a.layers,
+                       "kv_bits": a.kv_bits if impl == "ours" else None}
                 capacity = S + a.warm + a.tokens + 16
-                singles = [filled_caches(impl, model, S, capacity) for _ in range(n)]
+                singles = [filled_caches(impl, model, S, capacity, kv_quant) for _ in range(n)]
                 try:
                     if n == 1:
                         ms, _ = bd.time_generate(model, singles[0], a.tokens, a.warm, 1, S)
                         caches = singles[0]
                         # the same stream through the batched path (the server's default for a lone request)
-                        one_row = merged([filled_caches(impl, model, S, capacity)])
+                        one_row = merged([filled_caches(impl, model, S, capacity, kv_quant)])
                         deltas = decode_steps(model, one_row, 1, a.warm + a.tokens, vocab)[a.warm:]
                         rec["batch_path_ms_per_step"] = round(statistics.median(deltas) * 1e3, 3)
                         one_row = None
@@ -210,6 +236,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=16, help="timed steps")
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--tiny", action="store_true", help="reduced widths (CPU smoke run)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize our caches on every layer, as the server does under --kv-bits")
+    p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--json", help="write the records here")
     a = p.parse_args(argv)
     if a.tiny and a.contexts == "8192,65536":

@@ -1,5 +1,6 @@
 """scripts/bench_batch.py --tiny: the batched-decode benchmark runs both implementations and writes its records."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,3 +28,13 @@ def test_tiny_run_writes_records(tmp_path):
     assert rows["ours", 4]["experts_measured"] > 2.5 and rows["mlx_lm", 4]["experts_measured"] > 2.5
     assert abs(rows["ours", 4]["experts_predicted"] - 8 * (1 - 0.75 ** 4)) < 0.01
     assert 1 < rows["ours", 4]["predicted_speedup"] < 4
+
+
+def test_tiny_run_with_quantized_caches():
+    records, _ = bench_batch.run(argparse.Namespace(
+        tiny=True, contexts="64", layers=1, streams="1,3", tokens=2, warm=1, impls="ours", format="q4",
+        kv_bits=4, kv_group_size=32))
+    assert [r["streams"] for r in records] == [1, 3]
+    for r in records:
+        assert "error" not in r, r
+        assert r["kv_bits"] == 4 and r["tok_s"] > 0
