@@ -339,7 +339,8 @@ def test_concurrent_requests_reach_more_throughput(client):
 
 def test_kv_bits_server_batches_quantized_caches(ckpt, monkeypatch):
     """--kv-bits with batching: concurrent replies equal the same requests one at a time,
-    decoded together over quantized batch caches on every layer."""
+    decoded together over quantized batch caches on every layer, reusing the quantized
+    prompt caches the first round left (mlx-lm's LRU prompt cache: trimmed deep copies)."""
     from minimax_m3_mlx.serving.server import Server, setup_arg_parser
 
     seen = []
@@ -352,15 +353,22 @@ def test_kv_bits_server_batches_quantized_caches(ckpt, monkeypatch):
     monkeypatch.setattr(BatchSparseCache, "update_and_fetch", recording)
     srv = Server(setup_arg_parser().parse_args(
         ["--model", str(ckpt), "--port", "0", "--kv-bits", "4", "--kv-group-size", "32",
-         "--decode-concurrency", "4", "--prompt-cache-size", "0"])).start()
+         "--decode-concurrency", "4"])).start()
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", max_retries=0, timeout=120)
         words = "the quick brown fox jumps over a lazy dog".split()
         asks = [("Hi", 16), (" ".join(words * 9), 12), ("Tell me a story", 16), (" ".join(words * 3), 10)]
-        alone = [_ask(c, text, n) for text, n in asks]
+
+        def ask(text, n):
+            r = c.chat.completions.create(model="default_model", max_tokens=n,
+                                          messages=[{"role": "user", "content": text}])
+            return r.choices[0].message.content, r.usage.completion_tokens, r.usage.prompt_tokens_details.cached_tokens
+
+        alone = [ask(*a) for a in asks]
         seen.clear()
-        together = _concurrently(lambda text, n: _ask(c, text, n), asks)
+        together = _concurrently(ask, asks)
     finally:
         srv.shutdown()
     assert max(b for b, _ in seen) >= 3 and {q for _, q in seen} == {(32, 4)}
-    assert together == alone
+    assert [t[:2] for t in together] == [t[:2] for t in alone]
+    assert all(t[2] > 0 for t in together)  # each prompt served from its quantized cache
