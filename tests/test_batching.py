@@ -367,6 +367,10 @@ def test_kv_bits_server_batches_quantized_caches(ckpt, monkeypatch):
         alone = [ask(*a) for a in asks]
         seen.clear()
         together = _concurrently(ask, asks)
+        # a seeded request runs on mlx-lm's one-at-a-time path, over the same quantized caches
+        r = c.chat.completions.create(model="default_model", max_tokens=asks[0][1], seed=1,
+                                      messages=[{"role": "user", "content": asks[0][0]}])
+        assert (r.choices[0].message.content, r.usage.completion_tokens) == alone[0][:2]
     finally:
         srv.shutdown()
     assert max(b for b, _ in seen) >= 3 and {q for _, q in seen} == {(32, 4)}

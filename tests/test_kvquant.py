@@ -75,6 +75,28 @@ def test_every_layer_quantized_and_error_vs_dense_baseline(model, bits):
     assert err < 40 * base and err < (0.1 if bits == 8 else 0.5)
 
 
+def test_exact_index_keys_isolate_the_selection_flips(model):
+    """Where the whole-model gap comes from: 8-bit K/V with the index keys exact
+    (--index-bits 16) errs within 3x of mlx-lm's dense baseline; 8-bit index keys add the
+    selection flips (BENCHMARKS.md has the figures)."""
+    try:
+        _dense(model, True)
+        ref_d, _ = _decode_logits(model, None)
+        base = _rel_rms(_decode_logits(model, 8)[0], ref_d)
+    finally:
+        _dense(model, False)
+    ref, _ = _decode_logits(model, None)
+    errs = {}
+    for index_bits in (16, 8):
+        model.index_bits = index_bits
+        try:
+            errs[index_bits] = _rel_rms(_decode_logits(model, 8)[0], ref)
+        finally:
+            model.index_bits = None
+    print(f"\n8-bit K/V: exact index keys {errs[16]:.4f}, 8-bit index keys {errs[8]:.4f}, dense baseline {base:.4f}")
+    assert errs[16] < 3 * base < errs[8]
+
+
 def test_quantized_decode_step_equals_chunk_path(model):
     """The compiled quantized decode step (gathered triples) computes what the chunk path
     (msa.sparse_attention over QuantizedRows) computes for the same token."""
