@@ -633,7 +633,7 @@ def main(argv=None):
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32), default=None,
                    help="our index keys (default: 8 with --kv-bits, else bf16)")
-    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="dequantize",
+    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="matmul",
                    help="attention over gathered quantized blocks (kvquant.SPARSE_ATTENTION)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

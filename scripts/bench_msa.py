@@ -213,7 +213,7 @@ def main(argv=None):
                    help="quantized caches for ours and dense (mlx-lm's port cannot quantize its own)")
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32), default=8)
-    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="dequantize",
+    p.add_argument("--sparse-quant", choices=("dequantize", "matmul"), default="matmul",
                    help="attention over gathered quantized blocks (kvquant.SPARSE_ATTENTION; decode)")
     a = p.parse_args(argv)
 

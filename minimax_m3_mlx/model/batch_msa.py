@@ -132,10 +132,14 @@ def _decode_step(q, idx_q, keys, values, index_keys, pos, *, scale, block_size, 
         idx, valid = own, mx.ones((B, Hkv, 1), dtype=mx.bool_)
     base = (mx.arange(B).reshape(B, 1, 1) * Hkv + mx.arange(Hkv).reshape(1, Hkv, 1)) * nb
     ids = idx + base.astype(mx.int32)
-    kg = msa._gather(keys, ids, bs).reshape(B, Hkv, k * bs, D)
-    vg = msa._gather(values, ids, bs).reshape(B, Hkv, k * bs, Dv)
     key_pos = idx[..., None] * bs + mx.arange(bs)  # [B, G, k, bs]
     keep = ((key_pos <= pos.reshape(B, 1, 1, 1)) & valid[..., None]).reshape(B, Hkv, 1, k * bs)
+    if kv_quant is not None and kvquant.SPARSE_ATTENTION == "matmul":
+        kw = tuple(p.reshape(B, Hkv, k * bs, -1) for p in keys.gather_words(ids, bs))
+        vw = tuple(p.reshape(B, Hkv, k * bs, -1) for p in values.gather_words(ids, bs))
+        return kvquant.matmul_attention(q, kw, vw, keep, scale, *kv_quant).reshape(B, 1, Hq, Dv)
+    kg = msa._gather(keys, ids, bs).reshape(B, Hkv, k * bs, D)
+    vg = msa._gather(values, ids, bs).reshape(B, Hkv, k * bs, Dv)
     qg = q.reshape(B, Hkv, Hq // Hkv, D)
     o = mx.fast.scaled_dot_product_attention(qg, kg, vg, scale=scale, mask=keep)
     return o.reshape(B, 1, Hq, Dv)
@@ -146,7 +150,7 @@ _COMPILED = {}
 
 def compiled_decode_step(scale: float, block_size: int, topk: int, local_blocks: int, cache):
     """One compiled `_decode_step` per layer constants and cache quantization, shared by all layers."""
-    key = (scale, block_size, topk, local_blocks, cache.kv_quant, cache.index_quant)
+    key = (scale, block_size, topk, local_blocks, cache.kv_quant, cache.index_quant, kvquant.SPARSE_ATTENTION)
     if key not in _COMPILED:
         _COMPILED[key] = mx.compile(partial(_decode_step, scale=scale, block_size=block_size, topk=topk,
                                             local_blocks=local_blocks, kv_quant=cache.kv_quant,

@@ -8,9 +8,10 @@ gathers a selected block's rows of all three with one gather each; the index key
 `index_bits` (8 by default: selection is the sensitive part), one offset for all.
 
 Scoring stays float32: quantized index keys are dequantized to float32 tile by tile.
-The sparse branch dequantizes only the gathered blocks (or, with SPARSE_ATTENTION =
-"matmul", attends with quantized matmuls over the gathered words at decode): which is
-faster is measured by scripts/bench_msa.py (--sparse-quant), not assumed.
+At decode the sparse branch attends with quantized matmuls over the gathered blocks' words
+(SPARSE_ATTENTION = "matmul"); a prefill chunk, or SPARSE_ATTENTION = "dequantize",
+dequantizes only the gathered blocks and runs SDPA. scripts/bench_msa.py --sparse-quant
+measures the two (BENCHMARKS.md: on the H200 matmul is as fast or faster).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ INDEX_BITS = (4, 8, 16, 32)
 # (BENCHMARKS.md has the selection-change rates at 8 and 4 bits).
 DEFAULT_INDEX_BITS = 8
 GROUP_SIZES = (32, 64, 128)
+# "matmul": quantized matmuls over the gathered words (decode only).
 # "dequantize": gather the selected blocks' words, dequantize them, mx.fast SDPA.
-# "matmul": quantized matmuls over the gathered words (decode only). A benchmark switch.
-SPARSE_ATTENTION = "dequantize"
+SPARSE_ATTENTION = "matmul"
 
 
 def check_quantization(bits: int, group_size: int, dims=(), index_bits: Optional[int] = None) -> None:
@@ -256,11 +257,30 @@ def dense_attention(q, keys, values, scale: float, cache=None, mask=None):
         return plain(q, keys, values, scale, mask)
     gs, bits = quant
     if q.shape[2] == 1:
+        keys, values, mask = _whole_buffers(keys, values, cache, mask)
         o = quantized_scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask, group_size=gs, bits=bits)
         return o.transpose(0, 2, 1, 3)
     k = mx.dequantize(*keys, group_size=gs, bits=bits)
     v = mx.dequantize(*values, group_size=gs, bits=bits)
     return plain(q, k, v, scale, mask)
+
+
+def _whole_buffers(keys, values, cache, mask):
+    """The cache's whole quantized buffers in place of the first n slots, the slots past n
+    masked: the same attention, but over contiguous operands, which MLX CUDA's quantized
+    matmul requires (a slice of the slot axis is not contiguous: "No implementation for
+    problem shape"); the capacity is at most one allocation step more than n."""
+    whole_k, whole_v = getattr(cache, "keys", None), getattr(cache, "values", None)
+    if not isinstance(whole_k, tuple) or whole_k[0].shape[:2] != keys[0].shape[:2]:
+        return keys, values, mask
+    n, C = keys[0].shape[2], whole_k[0].shape[2]
+    if C == n:
+        return keys, values, mask
+    if mask is None:
+        mask = mx.arange(C) < n
+    else:  # [.., L, n] -> [.., L, C]
+        mask = mx.concatenate([mask, mx.zeros((*mask.shape[:-1], C - n), dtype=mx.bool_)], axis=-1)
+    return whole_k, whole_v, mask
 
 
 def decode_step(scale: float, block_size: int, topk: int, local_blocks: int, cache):
@@ -292,7 +312,8 @@ def _words_attention(group_size: int, bits: int):
 def matmul_attention(q, kw, vw, mask, scale: float, group_size: int, bits: int):
     """Decode attention with quantized matmuls over gathered words (the "matmul" variant).
 
-    q: [B, Hq, 1, D]; kw/vw: (words, scales, biases) of [B, Hkv, S, *]; mask: [S] bool.
+    q: [B, Hq, 1, D]; kw/vw: (words, scales, biases) of [B, Hkv, S, *]; mask: bool, [S] or
+    per row and group [B, Hkv, 1, S].
     """
     B, Hq, _, D = q.shape
     Hkv = kw[0].shape[1]
