@@ -200,16 +200,22 @@ def test_matmul_variant_equals_dequantize(model, monkeypatch):
 
 def test_decode_attends_over_whole_buffers(monkeypatch):
     """A quantized decode query attends over the cache's whole (contiguous) buffers with the
-    slots past the keys masked, which MLX CUDA's quantized matmul needs; the same result."""
+    slots past the keys masked, which MLX CUDA's quantized matmul needs; the same result.
+    Both ways mlx-lm makes a QuantizedKVCache: filled directly (tuples) and by
+    KVCache.to_quantized (lists)."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
+    from mlx_lm.models.cache import KVCache
 
     from minimax_m3_mlx.model import kvquant
 
     r = np.random.default_rng(0)
-    cache = QuantizedKVCache(group_size=GS, bits=4)
-    k, v = (mx.array(r.standard_normal((1, 2, 300, 32)).astype(np.float32)) for _ in range(2))
-    keys, values = cache.update_and_fetch(k, v)
+    k, v, k1, v1 = (mx.array(r.standard_normal((1, 2, n, 32)).astype(np.float32)) for n in (300, 300, 1, 1))
     q = mx.array(r.standard_normal((1, 4, 1, 32)).astype(np.float32))
+    direct = QuantizedKVCache(group_size=GS, bits=4)
+    direct.update_and_fetch(k, v)
+    plain = KVCache()
+    plain.update_and_fetch(k, v)
+    converted = plain.to_quantized(group_size=GS, bits=4)
     seen = []
 
     def recording(q, k, v, **kw):
@@ -217,9 +223,12 @@ def test_decode_attends_over_whole_buffers(monkeypatch):
         return quantized_scaled_dot_product_attention(q, k, v, **kw)
 
     monkeypatch.setattr(kvquant, "quantized_scaled_dot_product_attention", recording)
-    # (mlx-lm's quantized attention scales its queries in place: each call gets its own)
-    got = kvquant.dense_attention(mx.array(q), keys, values, 0.2, cache)
-    want = quantized_scaled_dot_product_attention(mx.array(q), keys, values, scale=0.2, mask=None, group_size=GS,
-                                                  bits=4)
-    assert seen[0][0] == cache.keys[0].shape[2] > 300 and int(seen[0][1].sum()) == 300
-    np.testing.assert_allclose(np.array(got), np.array(want.transpose(0, 2, 1, 3)), rtol=1e-5, atol=1e-6)
+    for cache in (direct, converted):
+        keys, values = cache.update_and_fetch(k1, v1)
+        seen.clear()
+        # (mlx-lm's quantized attention scales its queries in place: each call gets its own)
+        got = kvquant.dense_attention(mx.array(q), keys, values, 0.2, cache)
+        want = quantized_scaled_dot_product_attention(mx.array(q), keys, values, scale=0.2, mask=None,
+                                                      group_size=GS, bits=4)
+        assert seen[0][0] == cache.keys[0].shape[2] > 301 and int(seen[0][1].sum()) == 301
+        np.testing.assert_allclose(np.array(got), np.array(want.transpose(0, 2, 1, 3)), rtol=1e-5, atol=1e-6)

@@ -271,8 +271,10 @@ def _whole_buffers(keys, values, cache, mask):
     matmul requires (a slice of the slot axis is not contiguous: "No implementation for
     problem shape"); the capacity is at most one allocation step more than n."""
     whole_k, whole_v = getattr(cache, "keys", None), getattr(cache, "values", None)
-    if not isinstance(whole_k, tuple) or whole_k[0].shape[:2] != keys[0].shape[:2]:
+    # (mlx-lm's QuantizedKVCache holds its triples as lists)
+    if not isinstance(whole_k, (list, tuple)) or whole_k[0].shape[:2] != keys[0].shape[:2]:
         return keys, values, mask
+    whole_k, whole_v = tuple(whole_k), tuple(whole_v)
     n, C = keys[0].shape[2], whole_k[0].shape[2]
     if C == n:
         return keys, values, mask
