@@ -112,20 +112,6 @@ def test_writes_land_at_each_rows_own_position():
         SparseKVCache.merge([_single(0, 0)]).prepare(left_padding=[1])
 
 
-def test_masked_decode_attention_keeps_kv_heads_unrepeated():
-    """One query per row under a mask array: the group's query heads ride on the query
-    axis (no backend repeats the keys per head); the same as mx.fast's GQA attention."""
-    from minimax_m3_mlx.model import msa
-
-    r = np.random.default_rng(0)
-    for B in (1, 3):
-        q = mx.array(r.standard_normal((B, 8, 1, 32)).astype(np.float32))
-        k, v = (mx.array(r.standard_normal((B, 2, 50, 32)).astype(np.float32)) for _ in range(2))
-        mask = mx.array(r.random((B, 1, 1, 50)) > 0.3)
-        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask).transpose(0, 2, 1, 3)
-        np.testing.assert_allclose(np.array(msa.dense_attention(q, k, v, 0.2, mask)), np.array(want), atol=1e-6)
-
-
 def test_batched_decode_logits_equal_each_sequence_alone(model):
     """Prompts prefilled alone, merged, then decoded together (float32, rel < 1e-4)."""
     prompts, steps = _prompts(), 8

@@ -279,19 +279,8 @@ def block_mask(idx: mx.array, valid: mx.array, offset: int, n_keys: int, block_s
 
 
 def dense_attention(q, keys, values, scale, mask=None):
-    """Dense causal attention over the cache: [B, Hq, L, D] -> [B, L, Hq, D].
-
-    One query per row under a mask array (batched decode: rows at their own lengths):
-    each KV group's query heads ride on the query axis, so the mask broadcasts over them
-    and no backend has to repeat the keys per query head (MLX CUDA's masked SDPA did:
-    BENCHMARKS.md, batched decode).
-    """
-    B, Hq, L, D = q.shape
-    Hkv = keys.shape[1]
-    if L == 1 and isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1 and Hq != Hkv:
-        qg = q.reshape(B, Hkv, Hq // Hkv, D)
-        o = mx.fast.scaled_dot_product_attention(qg, keys, values, scale=scale, mask=mask)
-        return o.reshape(B, 1, Hq, -1)
+    """Dense causal attention over the cache: [B, Hq, L, D] -> [B, L, Hq, D]."""
+    L = q.shape[2]
     if mask is None and L > 1:
         mask = "causal"
     o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
