@@ -57,7 +57,11 @@ def step(layer, x: mx.array, cache) -> mx.array:
         o = batch_msa.attend_full(q, k, v, cache, attn.scale)
     else:
         q, k, v = pre(x, pos)
-        mask = cache.make_mask(1)  # before the write: it hides each row's left padding
+        # Before the write: it hides each row's left padding. A lone row has none (merge,
+        # filter and finalize leave the shortest row unpadded), and unmasked it attends as
+        # on the single path: MLX CUDA's masked GQA attention is several times slower
+        # (BENCHMARKS.md, batched decode), which a lone request in the server would pay.
+        mask = cache.make_mask(1) if x.shape[0] > 1 else None
         keys, values = cache.update_and_fetch(k, v)
         o = msa.dense_attention(q, keys, values, attn.scale, mask)
     return post(x, o)
