@@ -7,8 +7,8 @@ forward passes; random states are seeded alike once at start. What it lacks, and
 mixin adds to the response generator:
 
 - an end: rank 0 shares a "stop" when it shuts down, and the other ranks end their loop
-  on it (on their own signal they only wait for it: leaving alone would leave rank 0 in an
-  all-sum nobody joins);
+  on it (they ignore the signals that end rank 0: leaving alone would leave rank 0 in an
+  all-sum nobody joins; see shutdown.py);
 - agreement before the forward pass: each rank prepares the request (template, tokens,
   images) and the ranks then share whether that worked. Where it failed on any rank, it
   fails on all of them with the same error, which rank 0's client gets as a 500 in
@@ -24,14 +24,14 @@ recoverable this way: mlx.launch then stops the other ranks.
 
 from __future__ import annotations
 
-import signal
-import threading
 from queue import Queue
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.server import GenerationContext
+
+from .shutdown import block_in_this_thread
 
 STOP = "stop"  # what rank 0 shares instead of a request when it shuts down
 _MESSAGE_BYTES = 512  # of each rank's error message, in the agreement
@@ -93,6 +93,10 @@ class ClusterFollowing:
             self._stop_shared = True
             self._share_object(STOP)
 
+    def _run_generate(self):  # the generation thread
+        block_in_this_thread()  # the signals that end the server go to the main thread (shutdown.py)
+        super()._run_generate()
+
     def _generate(self):
         try:
             super()._generate()
@@ -132,11 +136,3 @@ class ClusterFollowing:
         return [(rank, bytes(row[1:]).rstrip(b"\0").decode(errors="replace"))
                 for rank, row in enumerate(every) if row[0]]
 
-
-def follow_signals() -> None:
-    """On a following rank: ignore Ctrl-C (mlx.launch's terminal sends it to every rank),
-    and end when rank 0 does. A rank interrupted in a collective would leave rank 0 alone
-    in it; and a handled signal interrupts the ring backend's socket calls (MLX 0.32 then
-    aborts the process)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,6 +33,7 @@ and streaming are used as they are); what differs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -63,7 +64,8 @@ from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thi
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
-from .cluster import ClusterError, ClusterFollowing, follow_signals
+from . import shutdown as stopping
+from .cluster import ClusterError, ClusterFollowing
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
 
@@ -534,34 +536,32 @@ class Server:
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, LRUPromptCache(self.args.prompt_cache_size))
         self.httpd, self.host, self.port, self._thread = None, None, None, None
-        if self.response_generator.follows:
-            self.response_generator.wait_loaded()
-            follow_signals()
-            return
         try:
-            infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            if not self.response_generator.follows:
+                self._listen(args)
+            self.response_generator.wait_loaded()
+        except BaseException:  # also Ctrl-C during the load: the thread would load, then serve nobody forever
+            if self.httpd is not None:
+                self.httpd.server_close()
+            self.response_generator.stop_and_join()
+            raise
+
+    def _listen(self, args) -> None:
+        try:
+            family, *_, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         except OSError as e:
             raise OSError(f"--host {args.host}: {e.strerror or e}") from None
-        family, _, _, _, address = infos[0]
-        fingerprint = get_system_fingerprint()
-        rg = self.response_generator
+        rg, fingerprint = self.response_generator, get_system_fingerprint()
 
         class HTTPServer(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
 
         try:
-            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint,
-                                                                                 **kw))
+            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint, **kw))
         except OSError as e:
-            self.response_generator.stop_and_join()
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
-        try:
-            self.response_generator.wait_loaded()
-        except BaseException:
-            self.httpd.server_close()
-            raise
 
     def serve_forever(self) -> None:
         if self.httpd is None:  # a following rank
@@ -588,13 +588,13 @@ class Server:
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    stopping.install(mx.distributed.init())  # Ctrl-C, SIGTERM, SIGHUP; under mlx.launch, on every rank
     server = Server(args)
     if server.httpd is not None:
         print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
     finally:
         server.shutdown()
     return 0
