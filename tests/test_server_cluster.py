@@ -173,24 +173,3 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     launcher = (tmp_path / "launch.log").read_text()
     assert "exited with code" not in launcher and "was killed" not in launcher, _logs(tmp_path)
 
-
-def test_generate_images_refused_under_mlx_launch(ckpt, tmp_path, monkeypatch, capsys):
-    """The ranks load no vision tower: --image under mlx.launch is refused before loading."""
-    import mlx.core as mx
-
-    from minimax_m3_mlx.serving import generate
-
-    class TwoRanks:
-        def size(self):
-            return 2
-
-        def rank(self):
-            return 0
-
-    image = tmp_path / "cat.png"
-    image.write_bytes(b"\x89PNG")
-    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: TwoRanks())
-    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
-    with pytest.raises(SystemExit) as e:
-        generate.main(["--model", str(ckpt), "--image", str(image), "--prompt", "what is this?"])
-    assert e.value.code == 2 and "--image/--video under mlx.launch" in capsys.readouterr().err

@@ -122,6 +122,9 @@ class Model(nn.Module):
         if args.has_vision_tower:
             self.vision_tower, self.multi_modal_projector = vision.vision_modules(args)
         self.tensor_group = None  # set by shard()
+        # Set by the per-rank loader on a pipeline stage without the token embedding when the
+        # checkpoint has a tower: the first stage holds it, this stage takes image prompts too.
+        self.vision_elsewhere = False
         self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
         # Index-key bits of the caches make_cache builds (--index-bits; kvquant.INDEX_BITS):
         # 16 / 32 store them in the model dtype / float32; 4 / 8 apply once --kv-bits
@@ -152,7 +155,7 @@ class Model(nn.Module):
     # -- vision (see vision.py) ---------------------------------------------------------------
     @property
     def has_vision(self) -> bool:
-        return vision.has_vision(self)
+        return vision.has_vision(self) or self.vision_elsewhere
 
     def get_input_embeddings(self, input_ids, pixel_values=None, image_grid_thw=None,
                              pixel_values_videos=None, video_grid_thw=None, feature_cache=None) -> mx.array:

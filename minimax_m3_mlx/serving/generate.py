@@ -405,10 +405,7 @@ def main(argv=None) -> int:
     group = mx.distributed.init()
     if group.rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
-    media = args.image or args.video
-    if media and group.size() > 1:  # refused before the ranks load anything
-        parser.error("--image/--video under mlx.launch: the ranks load the text model only (no vision tower "
-                     "yet); run images in one process")
+    media = args.image or args.video  # under mlx.launch too: every rank runs the processor (sharded._load_vision)
     if media and (args.prompt_cache_file or args.ignore_chat_template):
         parser.error("--image/--video go through the chat template and cannot use --prompt-cache-file "
                      "or --ignore-chat-template (every image's placeholders are the same token ids)")
