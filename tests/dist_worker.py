@@ -173,6 +173,16 @@ def line_sum_check(group):
     }
 
 
+def seed_check(group):
+    """After generate's seed_ranks without a seed, every rank draws the same samples."""
+    from minimax_m3_mlx.serving.generate import seed_ranks
+
+    seed_ranks(group, None)
+    draws = mx.random.categorical(mx.random.normal((4, 320)), num_samples=8)
+    every = mx.distributed.all_gather(draws[None], group=group)
+    return {"same_draws": bool(all(mx.array_equal(every[i], every[0]).item() for i in range(group.size())))}
+
+
 def main(argv):
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["out"])
@@ -181,6 +191,8 @@ def main(argv):
     try:
         if spec.get("line_check"):
             results["line"] = line_sum_check(group)
+        if spec.get("seed_check"):
+            results["seed"] = seed_check(group)
         for case in spec["cases"]:
             results["cases"].append(run_case(case, spec, group, out))
     except Exception:

@@ -135,7 +135,7 @@ def reference(ckpts):
 def launch(n, ckpts, out: Path):
     out.mkdir()
     cases = [dict(c, path=str(ckpts / c["ck"])) for c in CASES[n]]
-    spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4}
+    spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4, "seed_check": n == 2}
     (out / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [*launch_args(n), str(WORKER), str(out / "spec.json")]
@@ -326,6 +326,13 @@ def test_line_all_sum(runs):
 
 
 # -- in-process ------------------------------------------------------------------------------------
+def test_ranks_sample_alike(runs):
+    """`generate` without --seed under mlx.launch: every rank's random state is seeded alike,
+    so at temperature > 0 every rank samples the same token (tests/dist_worker.py seed_check)."""
+    for res in runs[2]["results"]:
+        assert res["seed"]["same_draws"], res["rank"]
+
+
 def test_tensor_rules_all_spellings():
     """Every checkpoint spelling of a tensor gets the same split (published, transformers
     5.x re-save, converted MLX names, FP8 scales)."""
@@ -489,10 +496,11 @@ def test_generate_cli_under_mlx_launch(ckpts):
 def test_generate_images_cli_under_mlx_launch(ckpts, tmp_path):
     """`minimax-m3 generate --image A --image B` under mlx.launch, pipeline parallel (the
     stage without the tower takes the prompt's length only): the single-process greedy text."""
-    from PIL import Image
     from test_vision import _processors_or_skip
 
     _processors_or_skip()
+    from PIL import Image
+
     rng = np.random.default_rng(4)
     images = []
     for i, (h, w) in enumerate(((60, 90), (100, 40))):

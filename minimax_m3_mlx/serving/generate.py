@@ -400,8 +400,6 @@ def media_prompt(model, tokenizer, args, messages):
 def main(argv=None) -> int:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     group = mx.distributed.init()
     if group.rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
@@ -419,6 +417,7 @@ def main(argv=None) -> int:
             parser.error(f"--prompt-cache-file {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
+    seed_ranks(group, args.seed)
     model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking)
 
     embeddings = None
@@ -459,6 +458,20 @@ def main(argv=None) -> int:
     if group.size() > 1:
         end_together(group)
     return 0
+
+
+def seed_ranks(group, seed: Optional[int]) -> None:
+    """Seed the random state: with `seed`, or under mlx.launch alike on every rank all the same.
+
+    Every rank samples its own copy of each token from the same logits. With different random
+    states (MLX seeds each process from the clock) they would pick different tokens at
+    temperature > 0: the ranks' next forward passes would then mix different tokens, or one
+    rank would stop before the others and leave them in a collective.
+    """
+    if seed is None and group.size() > 1:  # mlx-lm's server does the same
+        seed = mx.distributed.all_sum(mx.random.state[0], group=group).view(mx.uint64).item()
+    if seed is not None:
+        mx.random.seed(seed)
 
 
 def end_together(group) -> None:
