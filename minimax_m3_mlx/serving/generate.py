@@ -417,7 +417,6 @@ def main(argv=None) -> int:
             parser.error(f"--prompt-cache-file {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
-    seed_ranks(group, args.seed)
     model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking)
 
     embeddings = None
@@ -440,6 +439,7 @@ def main(argv=None) -> int:
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
 
+    seed_ranks(group, args.seed)  # after the load, whose module initialisations draw from the random state
     printer = Printer(hide_thinking=args.hide_thinking)
     print("=" * 10)
     gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
