@@ -1,11 +1,13 @@
 """`minimax-m3 server` under `mlx.launch --backend ring -n 2` on localhost, driven by the
 `openai` client: only rank 0 listens, the other rank follows its requests, in both
-`--parallel` modes; replies equal those of one process, a request that fails on one rank
+`--parallel` modes; replies equal those of one process (an image chat too, where the vision
+extra is installed), a request that fails on one rank
 fails for its client alone, and every rank ends cleanly on Ctrl-C at the launcher's
 terminal and when the launcher alone is stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -15,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -33,18 +36,46 @@ CHATS = [[{"role": "user", "content": "Hello there!"}],
 PROMPT = "The capital of France is"
 
 
+def _images_available() -> bool:
+    """Whether the `vision` extra is installed (under CI it must be: see test_vision)."""
+    from test_vision import _processors_or_skip
+
+    try:
+        _processors_or_skip()
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """A tiny checkpoint with a vision tower, and an image for it (None without the vision extra)."""
+    from reference import build_reference
+
     path = tmp_path_factory.mktemp("cluster_server")
     config = synthetic.tiny_config()
-    synthetic.write_checkpoint(path, config, synthetic.random_weights(config, seed=21), "original")
-    return path
+    weights = synthetic.random_weights(config, seed=21)
+    synthetic.write_checkpoint(path, config, {**weights, **build_reference(config, weights)[1]}, "original")
+    if not _images_available():
+        return path, None
+    from PIL import Image
+
+    image = path / "image.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(image)
+    return path, image
 
 
-def _ask(client, first_only=False):
-    """The replies compared: chat (plain and streamed) and a text completion."""
+def _image_chat(image):
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is in this picture?"}]}]
+
+
+def _ask(client, first_only=False, image=None):
+    """The replies compared: chat (plain and streamed, and with an image where the vision
+    extra is installed) and a text completion."""
     out = []
-    for messages in CHATS[:1] if first_only else CHATS:
+    for messages in CHATS[:1] if first_only else CHATS + ([_image_chat(image)] if image else []):
         r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=MAX_TOKENS)
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
     if first_only:
@@ -57,6 +88,19 @@ def _ask(client, first_only=False):
     return out
 
 
+def _image_reply_in_process(path, image):
+    """The greedy reply to _image_chat as `generate --image` computes it (multimodal.prepare)."""
+    from minimax_m3_mlx.serving import generate, multimodal
+
+    model, tokenizer = generate.load(str(path), thinking="disabled")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": multimodal.IMAGE_MARKER + "What is in this picture?"}],
+        add_generation_prompt=True, tokenize=False, thinking_mode="disabled")
+    p = multimodal.prepare(model, multimodal.load_processor(path, tokenizer), text, images=[image])
+    gen = generate.generate(model, tokenizer, p.input_ids.tolist(), max_tokens=MAX_TOKENS, input_embeddings=p.embeddings)
+    return gen.text, gen.generation_tokens
+
+
 def _client(port):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -65,12 +109,17 @@ def _client(port):
 def alone(ckpt):
     from minimax_m3_mlx.serving.server import Server, setup_arg_parser
 
-    srv = Server(setup_arg_parser().parse_args(["--model", str(ckpt), "--port", "0", "--thinking", "disabled"]))
+    path, image = ckpt
+    srv = Server(setup_arg_parser().parse_args(["--model", str(path), "--port", "0", "--thinking", "disabled"]))
     srv.start()
     try:
-        return _ask(_client(srv.port))
+        replies = _ask(_client(srv.port), image=image)
     finally:
         srv.shutdown()
+    if image is not None:  # the server's image reply is generate --image's
+        content, _, n = replies[2]
+        assert (content, n) == _image_reply_in_process(path, image)
+    return replies
 
 
 def _logs(folder) -> str:
@@ -84,7 +133,8 @@ def _wait_ready(port, proc, folder, deadline=120):
         if proc.poll() is not None:
             pytest.fail(f"mlx.launch ended (code {proc.returncode}) before serving:\n{_logs(folder)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            # a client that gives up early would leave a BrokenPipe traceback in rank 0's log
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -136,7 +186,8 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                RANK_LOGS=str(tmp_path))
     port = free_port_base(1)
-    cmd = [*launch_args(2), str(RANK), "--model", str(ckpt),
+    path, image = ckpt
+    cmd = [*launch_args(2), str(RANK), "--model", str(path),
            "--port", str(port), "--parallel", mode, "--thinking", "disabled"]
     with open(tmp_path / "launch.log", "wb") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
@@ -144,7 +195,7 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     try:
         _wait_ready(port, proc, tmp_path)
         client = _client(port)
-        assert _ask(client) == alone
+        assert _ask(client, image=image) == alone  # with the image: the tower on the ranks that embed
 
         # fails on rank 1 alone: an OpenAI-shaped 500 for this client, and the ranks go on
         with pytest.raises(openai.InternalServerError) as failed:

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
@@ -165,6 +166,14 @@ class Model(nn.Module):
         placeholder count that does not match the features raises vision.PlaceholderMismatch."""
         return vision.get_input_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                                            video_grid_thw, feature_cache)
+
+    def embed_inputs(self, input_ids, pixel_values=None) -> mx.array:
+        """mlx-lm's server contract: [L] ids -> [L, hidden] embeddings, the image placeholders
+        filled from `pixel_values`, one (pixel rows, grid_thw) pair per image, in order
+        (serving.multimodal.ServerImages makes them)."""
+        pix = np.concatenate([p for p, _ in pixel_values]) if pixel_values else None
+        grid = np.stack([g for _, g in pixel_values]) if pixel_values else None
+        return self.get_input_embeddings(np.asarray(input_ids)[None], pix, grid)[0]
 
     # -- parallelism ----------------------------------------------------------------------------
     def shard(self, group=None):

@@ -13,13 +13,17 @@ and streaming are used as they are); what differs:
   and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
   "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
   reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
-- requests are checked before they are queued (messages, roles, tools, thinking mode,
+- requests are checked before they are queued (checks.py: messages, roles, tools, thinking mode,
   the prompt's length against the context): a malformed one gets 400 with a message, not
   an error from deep inside generation, and every refusal's body has OpenAI's shape,
   `{"error": {"message", "type", "param", "code"}}` (mlx-lm writes `{"error": msg}`);
 - a reply stops at the context limit with finish_reason "length" (max_tokens is capped
   to the room the prompt leaves);
 - /v1/models lists the served model whether or not a Hugging Face cache exists;
+- chat messages may hold images (`image_url` parts: data or http(s) URLs, as mlx-lm takes
+  them) when the model has a vision tower and the `vision` extra is installed:
+  transformers' MiniMax-M3 processor expands each (multimodal.ServerImages) and the tower
+  fills the placeholders (Model.embed_inputs); under mlx.launch too;
 - requests are served one at a time: mlx-lm's batched path would merge our caches into
   its BatchKVCache, which knows nothing of the sparse layers' index keys;
 - the generation thread frees its MLX streams when it ends (else MLX 0.32 on CPU may
@@ -63,14 +67,15 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError, resolve_thinking_mode
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
-from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from . import shutdown as stopping
+from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
+from .checks import check_messages, check_stop, check_tools
 from .cluster import ClusterError, ClusterFollowing
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
+from .multimodal import server_images
 
 
-ROLES = ("system", "developer", "root", "user", "assistant", "tool")
 REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive", "medium": "adaptive",
                     "high": "enabled", "xhigh": "enabled"}
 
@@ -107,7 +112,7 @@ class MiniMaxModelProvider(ModelProvider):
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
-        self.processor = None  # the server takes text only (see _check_messages); images: generate --image
+        self.processor = server_images(model, path, tokenizer)  # None: text only (see checks.check_messages)
         self.draft_model = None
         self.is_batchable = False  # see the module docstring
 
@@ -276,59 +281,6 @@ def _thinking_from_request(body: dict) -> Optional[str]:
     return modes.pop() if modes else None
 
 
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        if content is None and m["role"] != "assistant":  # only a reply with tool calls may have none
-            raise ValueError(f"messages[{i}].content must be given for role {m['role']!r}")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
-        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
-            raise ValueError(f"messages[{i}].tool_calls must be a list")
-        for j, call in enumerate(m.get("tool_calls") or []):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise ValueError(f"messages[{i}].tool_calls[{j}] must have function.name")
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}") from None
-            if args is not None and not isinstance(args, dict):
-                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
-
-
-def _check_tools(tools: Any) -> None:
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise ValueError("tools must be a list")
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        if "parameters" in fn and not isinstance(fn["parameters"], dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
-
-
-def _check_stop(stop: Any) -> None:
-    if stop is None or isinstance(stop, str):
-        return
-    if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
-        raise ValueError("stop must be a string or a list of non-empty strings")
-
-
 class MiniMaxAPIHandler(AccessControl, APIHandler):
     """mlx-lm's handler, plus access checks (access.py), request checks, the thinking mode,
     the context limit, OpenAI-shaped errors and a /v1/models needing no Hugging Face cache."""
@@ -385,7 +337,7 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         for key in ("adapters", "draft_model"):  # mlx-lm options this server does not offer
             if body.get(key) is not None:
                 raise ValueError(f"{key} must be left out: not supported for MiniMax-M3")
-        _check_stop(body.get("stop"))
+        check_stop(body.get("stop"))
         try:
             mode = _thinking_from_request(body)
         except ThinkingModeError as e:
@@ -398,8 +350,8 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         if self.path in ("/v1/chat/completions", "/chat/completions"):
             if "messages" not in body:
                 raise ValueError("the request has no messages")
-            _check_messages(body["messages"])
-            _check_tools(body.get("tools"))
+            check_messages(body["messages"], self.response_generator.model_provider.processor is not None)
+            check_tools(body.get("tools"))
             ids = self._check_template(body["messages"], body.get("tools") or None)
             if ids is not None:
                 self._check_context(len(ids), "messages")
@@ -417,7 +369,7 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
             return None
         messages = copy.deepcopy(messages)
-        process_message_content(messages)
+        process_message_content(messages, keep_images=self.response_generator.model_provider.processor is not None)
         kwargs = dict(self.response_generator.cli_args.chat_template_args)
         kwargs.update(self.chat_template_kwargs or {})
         try:
