@@ -66,7 +66,8 @@ def ckpt(tmp_path_factory):
 
 
 def _image_chat(image):
-    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    data = image.read_bytes() if isinstance(image, Path) else image
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": "What is in this picture?"}]}]
 
@@ -80,6 +81,9 @@ def _ask(client, first_only=False, image=None):
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
     if first_only:
         return out
+    if image:  # an image that does not decode: a 400 for its client (on every rank alike), and on
+        with pytest.raises(openai.BadRequestError, match="cannot identify image file"):
+            client.chat.completions.create(model="default_model", messages=_image_chat(b"not a PNG"), max_tokens=2)
     chunks = client.chat.completions.create(model="default_model", messages=CHATS[0], max_tokens=MAX_TOKENS,
                                             stream=True)
     out.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))

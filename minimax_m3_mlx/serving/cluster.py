@@ -24,6 +24,7 @@ recoverable this way: mlx.launch then stops the other ranks.
 
 from __future__ import annotations
 
+import re
 from queue import Queue
 from typing import Optional
 
@@ -119,7 +120,9 @@ class ClusterFollowing:
             prepared, error = None, e
         failed = self._agree(error)
         if failed:
-            if error is not None and len(failed) == 1:
+            # Failed here alone, or on every rank alike (the request's own fault: a bad image).
+            alike = len(failed) == self._size and len({re.sub(r"0x[0-9a-f]+", "", m) for _, m in failed}) == 1
+            if error is not None and (len(failed) == 1 or alike):
                 raise error
             raise ClusterError("; ".join(f"rank {r}: {m}" for r, m in failed))
         return prepared

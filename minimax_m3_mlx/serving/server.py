@@ -248,8 +248,8 @@ class _TrackedGenerator:
     def generate(self, request, generation_args, progress_callback=None):
         try:
             ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
-        except ClusterError as e:
-            self._handler._error = e  # a server error (mlx-lm answers 404 to every failure here)
+        except (ClusterError, ValueError, OSError) as e:  # mlx-lm answers 404 to every failure here
+            self._handler._error = e  # see send_response
             raise
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
         if ctx.tool_parser is parse_tool_call:
@@ -290,8 +290,11 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         self.wfile = OpenAIErrorBodies(self, self.wfile)
 
     def send_response(self, code, message=None):
-        if code == 404 and isinstance(getattr(self, "_error", None), ClusterError):
+        error = getattr(self, "_error", None)
+        if code == 404 and isinstance(error, ClusterError):
             code = 500
+        elif code == 404 and isinstance(error, (ValueError, OSError)):
+            code = 400  # the request's own fault: an image that does not decode, say
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
