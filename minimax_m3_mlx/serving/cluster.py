@@ -30,7 +30,7 @@ from typing import Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.server import GenerationContext
+from mlx_lm.server import GenerationContext, _image_parts
 
 from .shutdown import block_in_this_thread
 
@@ -40,6 +40,11 @@ _MESSAGE_BYTES = 512  # of each rank's error message, in the agreement
 
 class ClusterError(RuntimeError):
     """A request that could not be prepared on some rank (the server answers 500)."""
+
+
+class MediaError(ValueError):
+    """A request whose images could not be prepared, e.g. one that does not decode (the
+    client's own fault: the server answers 400)."""
 
 
 class _KeepGoing:
@@ -60,7 +65,8 @@ class _KeepGoing:
 
 class ClusterFollowing:
     """Mixin for mlx_lm.server.ResponseGenerator: a clean end and per-request agreement
-    across the ranks of an mlx.launch run (a no-op in one process)."""
+    across the ranks of an mlx.launch run; in one process, only a request whose images fail
+    is marked as the client's fault (MediaError)."""
 
     _stop_shared = False
 
@@ -112,12 +118,15 @@ class ClusterFollowing:
             super().stop_and_join()
 
     def _tokenize(self, tokenizer, request, args):
-        if not self._is_distributed:
-            return super()._tokenize(tokenizer, request, args)
         try:
             prepared, error = super()._tokenize(tokenizer, request, args), None
         except Exception as e:
-            prepared, error = None, e
+            images = request.request_type == "chat" and any(_image_parts(request.messages))
+            prepared, error = None, MediaError(f"the request's images: {e}") if images else e
+        if not self._is_distributed:
+            if error is not None:
+                raise error
+            return prepared
         failed = self._agree(error)
         if failed:
             # Failed here alone, or on every rank alike (the request's own fault: a bad image).

@@ -70,7 +70,7 @@ from ..loading import check_folder, load, resolve_path
 from . import shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .checks import check_messages, check_stop, check_tools
-from .cluster import ClusterError, ClusterFollowing
+from .cluster import ClusterError, ClusterFollowing, MediaError
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
 from .multimodal import server_images
@@ -248,7 +248,7 @@ class _TrackedGenerator:
     def generate(self, request, generation_args, progress_callback=None):
         try:
             ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
-        except (ClusterError, ValueError, OSError) as e:  # mlx-lm answers 404 to every failure here
+        except (ClusterError, MediaError) as e:  # mlx-lm answers 404 to every failure here
             self._handler._error = e  # see send_response
             raise
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None))
@@ -293,8 +293,8 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         error = getattr(self, "_error", None)
         if code == 404 and isinstance(error, ClusterError):
             code = 500
-        elif code == 404 and isinstance(error, (ValueError, OSError)):
-            code = 400  # the request's own fault: an image that does not decode, say
+        elif code == 404 and isinstance(error, MediaError):
+            code = 400
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
