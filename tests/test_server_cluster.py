@@ -1,9 +1,9 @@
 """`minimax-m3 server` under `mlx.launch --backend ring -n 2` on localhost, driven by the
 `openai` client: only rank 0 listens, the other rank follows its requests, in both
 `--parallel` modes; replies equal those of one process (an image chat too, where the vision
-extra is installed), a request that fails on one rank
-fails for its client alone, and every rank ends cleanly on Ctrl-C at the launcher's
-terminal and when the launcher alone is stopped with SIGTERM."""
+extra is installed), a request that fails on one rank fails for its client alone, and every
+rank ends cleanly on Ctrl-C at the launcher's terminal and when the launcher alone is
+stopped with SIGTERM."""
 
 from __future__ import annotations
 

@@ -461,7 +461,7 @@ def main(argv=None) -> int:
 
 
 def seed_ranks(group, seed: Optional[int]) -> None:
-    """Seed the random state: with `seed`, or under mlx.launch alike on every rank all the same.
+    """Seed the random state with `seed`; without one under mlx.launch, with a seed all ranks share.
 
     Every rank samples its own copy of each token from the same logits. With different random
     states (MLX seeds each process from the clock) they would pick different tokens at
