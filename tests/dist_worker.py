@@ -57,6 +57,32 @@ def generate_tokens(model, prompt, n, prefill_step):
     return toks, np.stack(lps)
 
 
+IMAGE_GRIDS = [(1, 4, 6), (1, 6, 4)]  # two images of 6 placeholder tokens each (merge 2)
+
+
+def image_prompt(image_token: int, patch_dim: int):
+    """ids with two images' placeholders, their pixel rows and grids (the same on every rank)."""
+    rng = np.random.default_rng(8)
+    t = lambda n: rng.integers(0, 256, n).tolist()  # noqa: E731
+    ids = t(9) + [image_token] * 6 + t(5) + [image_token] * 6 + t(40)
+    pix = rng.normal(0, 1, (sum(a * b * c for a, b, c in IMAGE_GRIDS), patch_dim)).astype(np.float32)
+    return np.array([ids]), pix, np.array(IMAGE_GRIDS)
+
+
+def image_logits(model, decode):
+    """Prefill of an image prompt (its rows from the vision tower) and decode steps."""
+    vc = model.args.vision_config
+    ids, pix, grid = image_prompt(model.args.image_token_index,
+                                  vc["num_channels"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2)
+    emb = model.get_input_embeddings(ids, pix, grid)
+    cache = model.make_cache()
+    pre = model(mx.array(ids), cache=cache, input_embeddings=emb)
+    steps = [model(mx.array([[t]]), cache=cache)[0, -1] for t in decode]
+    out = mx.concatenate([pre[0], mx.stack(steps)], axis=0).astype(mx.float32)
+    mx.eval(out)
+    return np.array(out)
+
+
 def run_case(case, spec, group, out: Path):
     rank = group.rank()
     name = case["name"]
@@ -96,6 +122,12 @@ def run_case(case, spec, group, out: Path):
         res["n_local_layers"] = len(model.layers)
         logits, res["cache_bytes"], _ = forward_logits(model, spec["prompt"], spec["decode"])
         np.savez(out / f"{name}.rank{rank}.npz", logits=logits)
+        return res
+    if case.get("vision"):  # the tower on the ranks that embed tokens; an image prompt's logits
+        model, _ = sharded.load_sharded(case["path"], group, case["mode"])
+        res.update(has_embed=model.language_model.model.embed_tokens is not None,
+                   has_tower="vision_tower" in model, vision_bytes=model.load_stats.vision_bytes)
+        np.savez(out / f"{name}.rank{rank}.npz", logits=image_logits(model, spec["decode"]))
         return res
     mem0 = mx.get_active_memory()
     t0 = time.perf_counter()
@@ -141,6 +173,16 @@ def line_sum_check(group):
     }
 
 
+def seed_check(group):
+    """After generate's seed_ranks without a seed, every rank draws the same samples."""
+    from minimax_m3_mlx.serving.generate import seed_ranks
+
+    seed_ranks(group, None)
+    draws = mx.random.categorical(mx.random.normal((4, 320)), num_samples=8)
+    every = mx.distributed.all_gather(draws[None], group=group)
+    return {"same_draws": bool(all(mx.array_equal(every[i], every[0]).item() for i in range(group.size())))}
+
+
 def main(argv):
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["out"])
@@ -149,6 +191,8 @@ def main(argv):
     try:
         if spec.get("line_check"):
             results["line"] = line_sum_check(group)
+        if spec.get("seed_check"):
+            results["seed"] = seed_check(group)
         for case in spec["cases"]:
             results["cases"].append(run_case(case, spec, group, out))
     except Exception:

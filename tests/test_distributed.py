@@ -64,6 +64,8 @@ CASES = {
         {"name": "shard-loaded-mxfp8", "ck": "mxfp8", "api": "shard"},
         {"name": "pipeline-loaded-f32", "ck": "f32", "api": "pipeline"},
         {"name": "both-refused", "ck": "f32", "mode": "both", "expect_error": True},
+        {"name": "tensor-vision", "ck": "vision", "mode": "tensor", "vision": True},
+        {"name": "pipeline-vision", "ck": "vision", "mode": "pipeline", "vision": True},
     ],
     4: [
         {"name": "tensor-affine", "ck": "affine", "mode": "tensor"},
@@ -99,7 +101,19 @@ def ckpts(tmp_path_factory):
     _write_affine(root / "wide", root / "affine")
     kv2 = synthetic.tiny_config()
     synthetic.write_checkpoint(root / "kv2", kv2, synthetic.random_weights(kv2, 14), "original")
+    _write_vision(root / "vision")
     return root
+
+
+def _write_vision(path):
+    """A checkpoint with a vision tower, as the releases hold one."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference import build_reference
+
+    cfg = synthetic.tiny_config()
+    w = synthetic.random_weights(cfg, 15)
+    _, vision = build_reference(cfg, w)
+    synthetic.write_checkpoint(path, cfg, {**w, **vision}, "original")
 
 
 def single_process(path):
@@ -121,7 +135,7 @@ def reference(ckpts):
 def launch(n, ckpts, out: Path):
     out.mkdir()
     cases = [dict(c, path=str(ckpts / c["ck"])) for c in CASES[n]]
-    spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4}
+    spec = {"out": str(out), "prompt": PROMPT, "decode": DECODE, "cases": cases, "line_check": n == 4, "seed_check": n == 2}
     (out / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [*launch_args(n), str(WORKER), str(out / "spec.json")]
@@ -159,7 +173,7 @@ def _cases(pred=lambda c: True):
 
 
 # -- logits --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,case", _cases(lambda c: not c.get("expect_error")))
+@pytest.mark.parametrize("n,case", _cases(lambda c: not c.get("expect_error") and not c.get("vision")))
 def test_logits_equal_single_process(runs, reference, n, case):
     """Prefill (66 tokens, selection active) and 8 decode steps: every rank returns the
     single-process logits within 1e-5, and all ranks bitwise the same (they must sample
@@ -171,6 +185,23 @@ def test_logits_equal_single_process(runs, reference, n, case):
         err = np.abs(a["logits"] - ref).max()
         assert err <= TOL, f"rank {r}: max |logits - single process| = {err:.3g}"
         assert np.array_equal(a["logits"], per_rank[0]["logits"]), f"rank {r} differs from rank 0"
+
+
+@pytest.mark.parametrize("n,case", _cases(lambda c: c.get("vision")))
+def test_images_equal_single_process(runs, ckpts, n, case):
+    """An image prompt under both layouts: the ranks that embed tokens hold the whole vision
+    tower (every rank in tensor mode, the first stage in pipeline mode), the others none, and
+    every rank returns the single-process logits (prefill with the image rows, then decode)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import image_logits
+
+    ref = image_logits(load_model(ckpts / case["ck"])[0], DECODE)
+    for r, (res, a) in enumerate(zip(runs[n]["cases"][case["name"]], runs[n]["arrays"][case["name"]])):
+        assert res["has_tower"] == res["has_embed"] == (case["mode"] == "tensor" or r == n - 1), res
+        assert (res["vision_bytes"] > 0) == res["has_tower"], res
+        err = np.abs(a["logits"] - ref).max()
+        assert err <= TOL, f"rank {r}: max |logits - single process| = {err:.3g}"
+        assert np.array_equal(a["logits"], runs[n]["arrays"][case["name"]][0]["logits"]), f"rank {r} differs"
 
 
 @pytest.mark.parametrize("n,case", _cases(lambda c: c.get("generate")))
@@ -189,7 +220,7 @@ def _full_table(path):
     return sharded.inspect_checkpoint(path).table
 
 
-LOADED = lambda c: not c.get("expect_error") and not c.get("api")  # noqa: E731
+LOADED = lambda c: not c.get("expect_error") and not c.get("api") and not c.get("vision")  # noqa: E731
 
 
 @pytest.mark.parametrize("n,case", _cases(LOADED))
@@ -295,6 +326,13 @@ def test_line_all_sum(runs):
 
 
 # -- in-process ------------------------------------------------------------------------------------
+def test_ranks_sample_alike(runs):
+    """`generate` without --seed under mlx.launch: every rank's random state is seeded alike,
+    so at temperature > 0 every rank samples the same token (tests/dist_worker.py seed_check)."""
+    for res in runs[2]["results"]:
+        assert res["seed"]["same_draws"], res["rank"]
+
+
 def test_tensor_rules_all_spellings():
     """Every checkpoint spelling of a tensor gets the same split (published, transformers
     5.x re-save, converted MLX names, FP8 scales)."""
@@ -453,6 +491,33 @@ def test_generate_cli_under_mlx_launch(ckpts):
     assert both.stdout.count("=" * 10) == 2  # one rank printed
     assert answer(both.stdout) == answer(alone.stdout)
     assert "[ring]" not in both.stderr, both.stderr[-2000:]  # the ranks end together, no socket errors
+
+
+def test_generate_images_cli_under_mlx_launch(ckpts, tmp_path, capsys):
+    """`minimax-m3 generate --image A --image B` under mlx.launch, pipeline parallel (the
+    stage without the tower takes the prompt's length only): the single-process greedy text."""
+    from test_vision import _processors_or_skip
+
+    _processors_or_skip()
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    images = []
+    for i, (h, w) in enumerate(((60, 90), (100, 40))):
+        images += ["--image", str(tmp_path / f"img{i}.png")]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images[-1])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["-m", "minimax_m3_mlx", "generate", "--model", str(ckpts / "vision"), "--prompt", "what is this?",
+            *images, "--max-tokens", "8", "--thinking", "disabled", "--parallel", "pipeline"]
+    from minimax_m3_mlx.serving import generate
+
+    assert generate.main(args[3:]) == 0  # one process: this one
+    alone = capsys.readouterr().out
+    both = subprocess.run([*launch_args(2), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = both.stdout + both.stderr
+    assert both.returncode == 0 and "exited with code" not in out and "[ring]" not in out, out[-3000:]
+    assert both.stdout.count("=" * 10) == 2  # one rank printed
+    assert both.stdout.split("=" * 10)[1] == alone.split("=" * 10)[1]
 
 
 def test_generate_cli_under_mlx_launch_fails_on_every_rank(tmp_path):

@@ -285,3 +285,52 @@ def test_cli_server_subprocess(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_interrupted_load_leaves_no_thread(ckpt, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the model loads: Server() raises, and its generation thread
+    ends too (left alone, it would load, then serve nobody and keep the process alive)."""
+    import threading
+
+    from minimax_m3_mlx.serving import server as srv
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(srv.MiniMaxResponseGenerator, "wait_loaded", interrupted)
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        srv.Server(srv.setup_arg_parser().parse_args(["--model", str(ckpt), "--port", "0"]))
+    assert [t for t in threading.enumerate() if t not in before] == []
+
+
+def test_stop_signals():
+    """The listening rank (or the one process) takes SIGTERM and SIGHUP as Ctrl-C, unless
+    they were ignored when it started; the ranks that follow ignore all three (shutdown.py)."""
+    from minimax_m3_mlx.serving import shutdown
+
+    class Group:
+        def __init__(self, rank):
+            self._rank = rank
+
+        def rank(self):
+            return self._rank
+
+        def size(self):
+            return 1
+
+    saved = {sig: signal.getsignal(sig) for sig in shutdown.SIGNALS}
+    try:
+        for sig in shutdown.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        shutdown.install(Group(0))
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, in the main thread
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        shutdown.install(Group(1))
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in shutdown.SIGNALS)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

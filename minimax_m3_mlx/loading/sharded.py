@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -24,7 +25,7 @@ from ..io.reader import StoredTensor, TensorReader, locate, placeholder
 from ..model.collectives import make_groups
 from ..parallel.sizing import RankUsage, plan_layout, rank_usage
 from ..weights.quant import quant_block
-from ..weights.sanitize import DROPPED_PREFIXES, sanitize
+from ..weights.sanitize import DROPPED_PREFIXES, sanitize, vision_tensors
 from ..weights.sharding import (
     ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split, is_embedding, layer_of,
     renumber_layer, split_name, table_from_arrays, take_slice, tensor_rule,
@@ -82,15 +83,15 @@ def inspect_checkpoint(path) -> CheckpointInfo:
     A dry run of the real load (checkpoint.prepare_model) on lazy placeholders: the final
     names, shapes and dtypes (and, for MXFP8 sources, the quantised structure) exactly as
     the real load makes them. Nothing is allocated: the placeholders are never evaluated.
-    Distributed inference is text-only for now: the vision tensors (which the published
-    checkpoints hold) are left out, so the model gets no tower.
+    The model has the vision tower where the checkpoint holds one (structure only); the
+    table holds the text tensors, which the parallel layouts split.
     """
     path = resolve_path(path)
     config, args = read_config(path)
     stored = locate(path)
-    text = {k: placeholder(t) for k, t in stored.items() if not k.startswith(VISION_PREFIXES)}
-    model, dry = prepare_model(config, args, text)
-    return CheckpointInfo(config, model.args, stored, table_from_arrays(dry), model)
+    model, dry = prepare_model(config, args, {k: placeholder(t) for k, t in stored.items()})
+    text = {k: v for k, v in dry.items() if not k.startswith(VISION_PREFIXES)}
+    return CheckpointInfo(config, model.args, stored, table_from_arrays(text), model)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class LoadStats:
     expected: RankUsage  # what rank_usage predicted
     full_table: Dict[str, TensorInfo] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
+    vision_bytes: int = 0  # of the vision tower's parameters, on the ranks that hold it (_load_vision)
 
 
 def _wanted(stored: Dict[str, StoredTensor], usage: RankUsage) -> Dict[int, List[str]]:
@@ -138,6 +140,34 @@ def _read_weights(args, stored, by_layer: Dict[int, List[str]], tensor: int, t_r
     return weights
 
 
+def _load_vision(model, tower: Optional[Dict[str, Any]], args, stored, keep: bool) -> int:
+    """Put the vision tower back on a rank that embeds tokens, loaded whole; returns its bytes.
+
+    The tower is replicated rather than split, on every rank that holds the token embedding
+    (every rank in tensor mode, the first stage's in pipeline mode): it is small next to the
+    text model (about 0.6B parameters against 428B), and each of these ranks then computes the
+    same image rows with no communication at all. A later pipeline stage only receives hidden
+    states; for an image prompt it needs the prompt's length alone (vision.get_input_embeddings).
+    """
+    if tower is None:
+        return 0
+    if not keep:
+        model.vision_elsewhere = True
+        return 0
+    reader = TensorReader()
+    weights = vision_tensors(args, {k: reader.read(t) for k, t in stored.items() if k.startswith(VISION_PREFIXES)})
+    reader.close()
+    vision = nn.Module()
+    for name, module in tower.items():
+        setattr(vision, name, module)
+    check_weights(vision, weights)
+    vision.load_weights(list(weights.items()), strict=True)
+    mx.eval(vision.parameters())
+    for name, module in tower.items():
+        setattr(model, name, module)
+    return sum(v.nbytes for _, v in tree_flatten(vision.parameters()))
+
+
 def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] = None,
                  split: Optional[Sequence[int]] = None):
     """Load this rank's part of a checkpoint folder (any layout checkpoint.load_model reads).
@@ -153,6 +183,8 @@ def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] =
     T, P = plan_layout(n, mode, tensor)
     ck = inspect_checkpoint(path)
     config, args, stored, table, model = ck.config, ck.args, ck.stored, ck.table, ck.model
+    # The tower is set aside while the text model is split and loaded (_load_vision).
+    tower = {name: model.pop(name) for name in ("vision_tower", "multi_modal_projector")} if model.has_vision else None
     check_tensor_parallel(args, table, T)
     check_pipeline(args.num_hidden_layers, P, split)
     split = list(split) if split is not None else default_split(args, table, P)
@@ -181,7 +213,8 @@ def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] =
         raise CheckpointError(
             f"rank {rank}: loaded {param_bytes} parameter bytes, the plan says {usage.weight_bytes}"
         )
+    vision_bytes = _load_vision(model, tower, args, stored, usage.embed)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # everyone is ready
     model.load_stats = LoadStats(rank, T, P, usage.layers, reader.bytes_read, param_bytes, usage, table,
-                                 time.perf_counter() - t0)
+                                 time.perf_counter() - t0, vision_bytes)
     return model, config

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
@@ -135,6 +136,9 @@ class Model(nn.Module):
         if args.has_vision_tower:
             self.vision_tower, self.multi_modal_projector = vision.vision_modules(args)
         self.tensor_group = None  # set by shard()
+        # Set by the per-rank loader on a pipeline stage without the token embedding when the
+        # checkpoint has a tower: the first stage holds it, this stage takes image prompts too.
+        self.vision_elsewhere = False
         self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
         # Index-key bits of the caches make_cache builds (--index-bits; kvquant.INDEX_BITS):
         # 16 / 32 store them in the model dtype / float32; 4 / 8 apply once --kv-bits
@@ -166,7 +170,7 @@ class Model(nn.Module):
     # -- vision (see vision.py) ---------------------------------------------------------------
     @property
     def has_vision(self) -> bool:
-        return vision.has_vision(self)
+        return vision.has_vision(self) or self.vision_elsewhere
 
     def get_input_embeddings(self, input_ids, pixel_values=None, image_grid_thw=None,
                              pixel_values_videos=None, video_grid_thw=None, feature_cache=None) -> mx.array:
@@ -176,6 +180,14 @@ class Model(nn.Module):
         placeholder count that does not match the features raises vision.PlaceholderMismatch."""
         return vision.get_input_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                                            video_grid_thw, feature_cache)
+
+    def embed_inputs(self, input_ids, pixel_values=None) -> mx.array:
+        """mlx-lm's server contract: [L] ids -> [L, hidden] embeddings, the image placeholders
+        filled from `pixel_values`, one (pixel rows, grid_thw) pair per image, in order
+        (serving.multimodal.ServerImages makes them)."""
+        pix = np.concatenate([p for p, _ in pixel_values]) if pixel_values else None
+        grid = np.stack([g for _, g in pixel_values]) if pixel_values else None
+        return self.get_input_embeddings(np.asarray(input_ids)[None], pix, grid)[0]
 
     # -- parallelism ----------------------------------------------------------------------------
     def shard(self, group=None):

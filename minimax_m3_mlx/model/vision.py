@@ -399,7 +399,12 @@ def get_input_embeddings(model, input_ids, pixel_values=None, image_grid_thw=Non
     ids = _as_numpy(input_ids).astype(np.int64)
     if ids.ndim == 1:
         ids = ids[None]
-    embeds = model.language_model.model.embed_tokens(mx.array(ids))
+    text_model = model.language_model.model
+    if text_model.embed_tokens is None:
+        # A later pipeline stage: it receives the first stage's hidden states, which hold the
+        # image rows, and needs only their shape (the tower is on the first stage).
+        return mx.zeros((*ids.shape, model.args.hidden_size), text_model.norm.weight.dtype)
+    embeds = text_model.embed_tokens(mx.array(ids))
     args = model.args
     has_media = pixel_values is not None or pixel_values_videos is not None
     if has_media and not has_vision(model):

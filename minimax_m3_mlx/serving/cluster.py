@@ -7,8 +7,8 @@ forward passes; random states are seeded alike once at start. What it lacks, and
 mixin adds to the response generator:
 
 - an end: rank 0 shares a "stop" when it shuts down, and the other ranks end their loop
-  on it (on their own signal they only wait for it: leaving alone would leave rank 0 in an
-  all-sum nobody joins);
+  on it (they ignore the signals that end rank 0: leaving alone would leave rank 0 in an
+  all-sum nobody joins; see shutdown.py);
 - agreement before the forward pass: each rank prepares the request (template, tokens,
   images) and the ranks then share whether that worked. Where it failed on any rank, it
   fails on all of them with the same error, which rank 0's client gets as a 500 in
@@ -24,14 +24,15 @@ recoverable this way: mlx.launch then stops the other ranks.
 
 from __future__ import annotations
 
-import signal
-import threading
+import re
 from queue import Queue
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.server import GenerationContext
+from mlx_lm.server import GenerationContext, _image_parts
+
+from .shutdown import block_in_this_thread
 
 STOP = "stop"  # what rank 0 shares instead of a request when it shuts down
 _MESSAGE_BYTES = 512  # of each rank's error message, in the agreement
@@ -39,6 +40,11 @@ _MESSAGE_BYTES = 512  # of each rank's error message, in the agreement
 
 class ClusterError(RuntimeError):
     """A request that could not be prepared on some rank (the server answers 500)."""
+
+
+class MediaError(ValueError):
+    """A request whose images could not be prepared, e.g. one that does not decode (the
+    client's own fault: the server answers 400)."""
 
 
 class _KeepGoing:
@@ -59,7 +65,8 @@ class _KeepGoing:
 
 class ClusterFollowing:
     """Mixin for mlx_lm.server.ResponseGenerator: a clean end and per-request agreement
-    across the ranks of an mlx.launch run (a no-op in one process)."""
+    across the ranks of an mlx.launch run; in one process, only a request whose images fail
+    is marked as the client's fault (MediaError)."""
 
     _stop_shared = False
 
@@ -93,6 +100,10 @@ class ClusterFollowing:
             self._stop_shared = True
             self._share_object(STOP)
 
+    def _run_generate(self):  # the generation thread
+        block_in_this_thread()  # the signals that end the server go to the main thread (shutdown.py)
+        super()._run_generate()
+
     def _generate(self):
         try:
             super()._generate()
@@ -107,15 +118,20 @@ class ClusterFollowing:
             super().stop_and_join()
 
     def _tokenize(self, tokenizer, request, args):
-        if not self._is_distributed:
-            return super()._tokenize(tokenizer, request, args)
         try:
             prepared, error = super()._tokenize(tokenizer, request, args), None
         except Exception as e:
-            prepared, error = None, e
+            images = request.request_type == "chat" and any(_image_parts(request.messages))
+            prepared, error = None, MediaError(f"the request's images: {e}") if images else e
+        if not self._is_distributed:
+            if error is not None:
+                raise error
+            return prepared
         failed = self._agree(error)
         if failed:
-            if error is not None and len(failed) == 1:
+            # Failed here alone, or on every rank alike (the request's own fault: a bad image).
+            alike = len(failed) == self._size and len({re.sub(r"0x[0-9a-f]+", "", m) for _, m in failed}) == 1
+            if error is not None and (len(failed) == 1 or alike):
                 raise error
             raise ClusterError("; ".join(f"rank {r}: {m}" for r, m in failed))
         return prepared
@@ -132,11 +148,3 @@ class ClusterFollowing:
         return [(rank, bytes(row[1:]).rstrip(b"\0").decode(errors="replace"))
                 for rank, row in enumerate(every) if row[0]]
 
-
-def follow_signals() -> None:
-    """On a following rank: ignore Ctrl-C (mlx.launch's terminal sends it to every rank),
-    and end when rank 0 does. A rank interrupted in a collective would leave rank 0 alone
-    in it; and a handled signal interrupts the ring backend's socket calls (MLX 0.32 then
-    aborts the process)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)

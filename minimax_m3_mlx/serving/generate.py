@@ -403,15 +403,10 @@ def media_prompt(model, tokenizer, args, messages):
 def main(argv=None) -> int:
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     group = mx.distributed.init()
     if group.rank() != 0:  # every rank computes; rank 0 speaks
         sys.stdout = open(os.devnull, "w")
-    media = args.image or args.video
-    if media and group.size() > 1:  # refused before the ranks load anything
-        parser.error("--image/--video under mlx.launch: the ranks load the text model only (no vision tower "
-                     "yet); run images in one process")
+    media = args.image or args.video  # under mlx.launch too: every rank runs the processor (sharded._load_vision)
     if media and (args.prompt_cache_file or args.ignore_chat_template):
         parser.error("--image/--video go through the chat template and cannot use --prompt-cache-file "
                      "or --ignore-chat-template (every image's placeholders are the same token ids)")
@@ -447,6 +442,7 @@ def main(argv=None) -> int:
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
 
+    seed_ranks(group, args.seed)  # after the load, whose module initialisations draw from the random state
     printer = Printer(hide_thinking=args.hide_thinking)
     print("=" * 10)
     gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
@@ -465,6 +461,20 @@ def main(argv=None) -> int:
     if group.size() > 1:
         end_together(group)
     return 0
+
+
+def seed_ranks(group, seed: Optional[int]) -> None:
+    """Seed the random state with `seed`; without one under mlx.launch, with a seed all ranks share.
+
+    Every rank samples its own copy of each token from the same logits. With different random
+    states (MLX seeds each process from the clock) they would pick different tokens at
+    temperature > 0: the ranks' next forward passes would then mix different tokens, or one
+    rank would stop before the others and leave them in a collective.
+    """
+    if seed is None and group.size() > 1:  # mlx-lm's server does the same
+        seed = mx.distributed.all_sum(mx.random.state[0], group=group).view(mx.uint64).item()
+    if seed is not None:
+        mx.random.seed(seed)
 
 
 def end_together(group) -> None:

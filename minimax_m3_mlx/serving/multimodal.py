@@ -162,3 +162,43 @@ def prepare(model, processor, prompt: str, images: Optional[Sequence[Any]] = Non
     embeddings = model.get_input_embeddings(ids, pix, pix_grid, vid, vid_grid, feature_cache=feature_cache)
     return Prepared(mx.array(ids[0].astype(np.int32)), embeddings[0],
                     media_key(pix, pix_grid, vid, vid_grid))
+
+
+class ServerImages:
+    """transformers' processor as mlx-lm's server calls one: `(prompt text, [RGB arrays]) ->
+    (text with each image marker expanded to its placeholders, [(pixel rows, grid) per image])`.
+
+    The expansion is the processor's own (`replace_image_token`); the server then tokenizes
+    that text and hands the pixels of the images after its cached prefix to
+    `Model.embed_inputs`. Under mlx.launch every rank runs it on the same image bytes.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.image_token = processor.image_token  # the placeholder (mlx-lm finds each image's run of it)
+
+    def __call__(self, text: str, images: Sequence[Any]):
+        pieces = text.split(IMAGE_MARKER)
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"the prompt has {len(pieces) - 1} image marker(s) for {len(images)} image(s)")
+        out = self.processor.image_processor(images=[np.array(i) for i in images], return_tensors="np")  # writable
+        grids = np.asarray(out["image_grid_thw"])
+        text = pieces[0] + "".join(self.processor.replace_image_token(out, i) + pieces[i + 1]
+                                   for i in range(len(images)))
+        bounds = np.cumsum([0] + [int(np.prod(g)) for g in grids])
+        pix = np.asarray(out["pixel_values"])
+        return text, [(pix[bounds[i]:bounds[i + 1]], grids[i]) for i in range(len(images))]
+
+
+def server_images(model, model_path, tokenizer) -> Optional[ServerImages]:
+    """The server's image processor: None for a model without a vision tower, or (with a
+    warning) where transformers' processors cannot be imported; images are then refused."""
+    if not model.has_vision:
+        return None
+    try:
+        return ServerImages(load_processor(model_path, tokenizer))
+    except ImportError as e:
+        import logging
+
+        logging.warning(f"the server takes no images: {e}")
+        return None

@@ -13,18 +13,23 @@ and streaming are used as they are); what differs:
   and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
   "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
   reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
-- requests are checked before they are queued (messages, roles, tools, thinking mode,
+- requests are checked before they are queued (checks.py: messages, roles, tools, thinking mode,
   the prompt's length against the context): a malformed one gets 400 with a message, not
   an error from deep inside generation, and every refusal's body has OpenAI's shape,
   `{"error": {"message", "type", "param", "code"}}` (mlx-lm writes `{"error": msg}`);
 - a reply stops at the context limit with finish_reason "length" (max_tokens is capped
   to the room the prompt leaves);
 - /v1/models lists the served model whether or not a Hugging Face cache exists;
+- chat messages may hold images (`image_url` parts: data or http(s) URLs, as mlx-lm takes
+  them) when the model has a vision tower and the `vision` extra is installed:
+  transformers' MiniMax-M3 processor expands each (multimodal.ServerImages) and the tower
+  fills the placeholders (Model.embed_inputs); under mlx.launch too;
 - concurrent requests are batched by mlx-lm's BatchGenerator (continuous batching: new
   prompts are prefilled between decode steps, rows join and leave as requests come and
-  end; prompt-cache reuse per request as mlx-lm does it). The sparse layers' caches merge
-  into model/batch_cache.BatchSparseCache, which keeps every sequence at its own positions
-  so that its block selection is the one it would have alone; `--decode-concurrency`
+  end; prompt-cache reuse per request as mlx-lm does it; a request with images is served
+  on its own, as mlx-lm serves it). The sparse layers' caches merge into
+  model/batch_cache.BatchSparseCache, which keeps every sequence at its own positions so
+  that its block selection is the one it would have alone; `--decode-concurrency`
   (mlx-lm's flag) bounds the batch, and 1 serves one request at a time on the
   single-request path. Under `--kv-bits` every cache is quantized from its first token
   (batched or not; mlx-lm's server serves one at a time under --kv-bits), so
@@ -40,6 +45,7 @@ and streaming are used as they are); what differs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -69,11 +75,13 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
+from . import shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
-from .cluster import ClusterError, ClusterFollowing, follow_signals
+from .checks import check_messages, check_stop, check_tools, thinking_from_request
+from .cluster import ClusterError, ClusterFollowing, MediaError
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
-from .request_checks import _check_messages, _check_stop, _check_tools, _thinking_from_request
 from .http_errors import OpenAIErrorBodies, RequestError
+from .multimodal import server_images
 
 
 
@@ -110,7 +118,7 @@ class MiniMaxModelProvider(ModelProvider):
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
-        self.processor = None  # the server takes text only (see _check_messages); images: generate --image
+        self.processor = server_images(model, path, tokenizer)  # None: text only (see checks.check_messages)
         self.draft_model = None
         # mlx-lm batches requests (BatchGenerator) when set; else its single-request path.
         # Under mlx.launch every rank runs the same batch steps: mlx-lm shares each request,
@@ -260,8 +268,8 @@ class _TrackedGenerator:
     def generate(self, request, generation_args, progress_callback=None):
         try:
             ctx, responses = self._shared.generate(request, generation_args, progress_callback=progress_callback)
-        except ClusterError as e:
-            self._handler._error = e  # a server error (mlx-lm answers 404 to every failure here)
+        except (ClusterError, MediaError) as e:  # mlx-lm answers 404 to every failure here
+            self._handler._error = e  # see send_response
             raise
         tracker = _ReplyTracker(ctx, self._shared.model_provider.tokenizer, getattr(request, "tools", None),
                                 batched=self._shared._is_batchable(generation_args))
@@ -280,8 +288,11 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         self.wfile = OpenAIErrorBodies(self, self.wfile)
 
     def send_response(self, code, message=None):
-        if code == 404 and isinstance(getattr(self, "_error", None), ClusterError):
+        error = getattr(self, "_error", None)
+        if code == 404 and isinstance(error, ClusterError):
             code = 500
+        elif code == 404 and isinstance(error, MediaError):
+            code = 400
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
@@ -327,9 +338,9 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         for key in ("adapters", "draft_model"):  # mlx-lm options this server does not offer
             if body.get(key) is not None:
                 raise ValueError(f"{key} must be left out: not supported for MiniMax-M3")
-        _check_stop(body.get("stop"))
+        check_stop(body.get("stop"))
         try:
-            mode = _thinking_from_request(body)
+            mode = thinking_from_request(body)
         except ThinkingModeError as e:
             raise ValueError(str(e)) from None
         if mode is not None:
@@ -340,8 +351,8 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         if self.path in ("/v1/chat/completions", "/chat/completions"):
             if "messages" not in body:
                 raise ValueError("the request has no messages")
-            _check_messages(body["messages"])
-            _check_tools(body.get("tools"))
+            check_messages(body["messages"], self.response_generator.model_provider.processor is not None)
+            check_tools(body.get("tools"))
             ids = self._check_template(body["messages"], body.get("tools") or None)
             if ids is not None:
                 self._check_context(len(ids), "messages")
@@ -359,7 +370,7 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
         if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
             return None
         messages = copy.deepcopy(messages)
-        process_message_content(messages)
+        process_message_content(messages, keep_images=self.response_generator.model_provider.processor is not None)
         kwargs = dict(self.response_generator.cli_args.chat_template_args)
         kwargs.update(self.chat_template_kwargs or {})
         try:
@@ -500,34 +511,32 @@ class Server:
         self.provider = MiniMaxModelProvider(self.args)
         self.response_generator = MiniMaxResponseGenerator(self.provider, _PromptCaches(self.args.prompt_cache_size, self.provider))
         self.httpd, self.host, self.port, self._thread = None, None, None, None
-        if self.response_generator.follows:
-            self.response_generator.wait_loaded()
-            follow_signals()
-            return
         try:
-            infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            if not self.response_generator.follows:
+                self._listen(args)
+            self.response_generator.wait_loaded()
+        except BaseException:  # also Ctrl-C during the load: the thread would load, then serve nobody forever
+            if self.httpd is not None:
+                self.httpd.server_close()
+            self.response_generator.stop_and_join()
+            raise
+
+    def _listen(self, args) -> None:
+        try:
+            family, *_, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         except OSError as e:
             raise OSError(f"--host {args.host}: {e.strerror or e}") from None
-        family, _, _, _, address = infos[0]
-        fingerprint = get_system_fingerprint()
-        rg = self.response_generator
+        rg, fingerprint = self.response_generator, get_system_fingerprint()
 
         class HTTPServer(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
 
         try:
-            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint,
-                                                                                 **kw))
+            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint, **kw))
         except OSError as e:
-            self.response_generator.stop_and_join()
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
-        try:
-            self.response_generator.wait_loaded()
-        except BaseException:
-            self.httpd.server_close()
-            raise
 
     def serve_forever(self) -> None:
         if self.httpd is None:  # a following rank
@@ -554,13 +563,13 @@ class Server:
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    stopping.install(mx.distributed.init())  # Ctrl-C, SIGTERM, SIGHUP; under mlx.launch, on every rank
     server = Server(args)
     if server.httpd is not None:
         print(f"Serving {args.model} at http://{server.host}:{server.port}/v1", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
     finally:
         server.shutdown()
     return 0

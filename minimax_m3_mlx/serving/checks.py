@@ -1,9 +1,13 @@
-"""The server's checks of a request's fields, before it is queued: one clear message each."""
+"""The server's checks of a request's messages, tools, stop words and thinking mode: a
+malformed request is a 400 with a message naming the field, not an error from deep inside
+generation."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Optional
+
+from mlx_lm.server import _image_url
 
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import resolve_thinking_mode
@@ -13,7 +17,7 @@ REASONING_EFFORT = {"none": "disabled", "minimal": "disabled", "low": "adaptive"
                     "high": "enabled", "xhigh": "enabled"}
 
 
-def _thinking_from_request(body: dict) -> Optional[str]:
+def thinking_from_request(body: dict) -> Optional[str]:
     """The thinking mode a request asks for (None: the server's default); ValueError if malformed."""
     kwargs = body.get("chat_template_kwargs") or {}
     asked = {}
@@ -36,7 +40,8 @@ def _thinking_from_request(body: dict) -> Optional[str]:
     return modes.pop() if modes else None
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any, images: bool = False) -> None:
+    """`images`: the served model takes image parts (image_url, as mlx-lm reads them)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     for i, m in enumerate(messages):
@@ -52,7 +57,10 @@ def _check_messages(messages: Any) -> None:
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported")
+                    if not (images and isinstance(part, dict) and isinstance(_image_url(part), str)):
+                        raise ValueError(f"messages[{i}].content[{j}]: " + (
+                            "only text and image parts are supported" if images else
+                            "only text parts are supported (this model, or this install, takes no images)"))
         if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
             raise ValueError(f"messages[{i}].tool_calls must be a list")
         for j, call in enumerate(m.get("tool_calls") or []):
@@ -69,7 +77,7 @@ def _check_messages(messages: Any) -> None:
                 raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
 
 
-def _check_tools(tools: Any) -> None:
+def check_tools(tools: Any) -> None:
     if tools is None:
         return
     if not isinstance(tools, list):
@@ -82,7 +90,7 @@ def _check_tools(tools: Any) -> None:
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
 
 
-def _check_stop(stop: Any) -> None:
+def check_stop(stop: Any) -> None:
     if stop is None or isinstance(stop, str):
         return
     if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
