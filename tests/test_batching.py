@@ -196,9 +196,18 @@ def test_quantized_merge_extend_filter_extract_equal_single_caches():
     assert all(mx.array_equal(a, b) for a, b in zip(mixed.extract(0).state[0], want.state[0]))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_batched_decode_logits_equal_each_sequence_alone(model, bits):
-    """--kv-bits with batching: every layer's rows quantized as alone (float32, rel < 1e-4)."""
+@pytest.mark.parametrize("bits,dtype,tol", [(4, mx.float32, 1e-4), (8, mx.float32, 1e-4), (4, mx.bfloat16, 3e-2)])
+def test_quantized_batched_decode_logits_equal_each_sequence_alone(model, bits, dtype, tol):
+    """--kv-bits with batching: every layer's rows quantized as alone (float32: rel < 1e-4;
+    bf16, the dtype users run: within bf16's rounding of the batched matmuls)."""
+    model.set_dtype(dtype)
+    try:
+        _quantized_batch_vs_alone(model, bits, tol)
+    finally:
+        model.set_dtype(mx.float32)
+
+
+def _quantized_batch_vs_alone(model, bits, tol):
     prompts, steps = _prompts(), 6
     nxt = mx.array(np.random.default_rng(2).integers(0, 256, size=(len(prompts), steps)))
 
@@ -211,14 +220,15 @@ def test_quantized_batched_decode_logits_equal_each_sequence_alone(model, bits):
     for i, p in enumerate(prompts):
         cache = filled(p)
         assert all(isinstance(c, QuantizedSparseKVCache) for c in cache)
-        alone.append(np.array(mx.concatenate([model(nxt[i:i + 1, t:t + 1], cache=cache) for t in range(steps)], 1)))
+        alone.append(np.array(mx.concatenate([model(nxt[i:i + 1, t:t + 1], cache=cache) for t in range(steps)],
+                                             1).astype(mx.float32)))
     caches = [filled(p) for p in prompts]
     batch = [type(c).merge([cs[j] for cs in caches]) for j, c in enumerate(caches[0])]
     assert all(isinstance(b, BatchSparseCache) and b.kv_quant == (GS, bits) for b in batch)
     assert batch[1].index_quant == (GS, 8) and batch[1].index_keys is not None and batch[0].index_keys is None
-    out = np.array(mx.concatenate([model(nxt[:, t:t + 1], cache=batch) for t in range(steps)], 1))
+    out = np.array(mx.concatenate([model(nxt[:, t:t + 1], cache=batch) for t in range(steps)], 1).astype(mx.float32))
     for i in range(len(prompts)):
-        assert rel(out[i], alone[i][0]) < 1e-4, (LENGTHS[i], rel(out[i], alone[i][0]))
+        assert rel(out[i], alone[i][0]) < tol, (LENGTHS[i], rel(out[i], alone[i][0]))
     back = batch[1].extract(2)
     assert isinstance(back, QuantizedSparseKVCache) and back.offset == LENGTHS[2] + steps
 
