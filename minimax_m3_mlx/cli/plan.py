@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..arg_types import non_negative_float, positive_int
+from ..arg_types import ArgumentParser, non_negative_float, positive_int
 from ..config import ModelArgs
 from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
@@ -204,7 +204,7 @@ def format_plans(plans: List[LayoutPlan], hosts_gb: Sequence[float], title: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", required=True, help="Macs and their memory: 2x192, 4x128 or 192,128 (GB)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--recipe", help=f"conversion recipe: {', '.join(recipe_names())}")

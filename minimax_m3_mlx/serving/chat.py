@@ -17,6 +17,7 @@ import sys
 
 import mlx.core as mx
 
+from ..arg_types import ArgumentParser
 from .generate import (
     Printer,
     PromptCache,
@@ -33,7 +34,7 @@ HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimax-m3 chat", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="minimax-m3 chat", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--stats", action="store_true", help="print tokens/s and memory after each reply")
     return parser
@@ -83,11 +84,7 @@ def main(argv=None, input_fn=input) -> int:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
     model, tokenizer = load(args.model, thinking=args.thinking)
-    try:
-        apply_cache_args(model, args)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+    apply_cache_args(model, args)
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
                           prefill_step_size=args.prefill_step_size,

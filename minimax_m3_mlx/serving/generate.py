@@ -35,7 +35,8 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from ..arg_types import non_negative_float, non_negative_int, number, positive_float, positive_int, probability, seed
+from ..arg_types import (ArgumentParser, non_negative_float, non_negative_int, number, positive_float, positive_int,
+                         probability, seed)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
 from ..loading import load, resolve_path
@@ -374,7 +375,7 @@ def make_cli_sampler(args):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimax-m3 generate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="minimax-m3 generate", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
     parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
     for flag, files in (("--image", args.image), ("--video", args.video)):
         for f in files:
             if not Path(f).is_file():
-                parser.error(f"{flag} {f}: no such file")
+                parser.error(f"{flag} {f}: " + ("a folder, not a file" if Path(f).is_dir() else "no such file"))
     if args.prompt_cache_file:  # checked now, not after a long generation
         f = Path(args.prompt_cache_file)
         if f.is_dir() or not f.parent.is_dir():
@@ -433,11 +434,7 @@ def main(argv=None) -> int:
         else:
             ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
 
-    try:
-        apply_cache_args(model, args)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+    apply_cache_args(model, args)
     cache = PromptCache(model)
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
