@@ -251,6 +251,27 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
 
 
+def test_a_tool_block_cut_off_by_max_tokens_holds_no_call(loaded):
+    """As the server: the block cut inside <city>Par comes back as text, with no call."""
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+
+    model, tok = loaded
+    start = "Checking." + TOOL_CALL_START + "\n" + NS_TOKEN + '<invoke name="get_weather">' + NS_TOKEN + "<city>Par"
+    ids = tok.encode(start + "is" + NS_TOKEN + "</city>", add_special_tokens=False)
+    n = len(tok.encode(start, add_special_tokens=False))
+    gen = generate(model, tok, chat_prompt(tok, user("weather?"), thinking="disabled"), max_tokens=n,
+                   logits_processors=[_forcing(ids)], tools=[SMALL_TOOL])
+    assert gen.tokens == ids[:n] and gen.finish_reason == "length"
+    assert gen.tool_calls == [] and len(gen.unparsed_tool_calls) == 1
+    assert gen.text == start and gen.unparsed_tool_calls[0].endswith("<city>Par")
+    # the whole block, closed, is a call
+    whole = tok.encode(start + "is" + NS_TOKEN + "</city>" + NS_TOKEN + "</invoke>\n" + TOOL_CALL_END,
+                       add_special_tokens=False) + [tok.eos_token_id]
+    gen = generate(model, tok, chat_prompt(tok, user("weather?"), thinking="disabled"), max_tokens=len(whole) + 2,
+                   logits_processors=[_forcing(whole)], tools=[SMALL_TOOL])
+    assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}] and gen.text == "Checking."
+
+
 def test_only_a_leading_think_end_is_dropped(loaded):
     """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
     from minimax_m3_mlx.serving.generate import chat_prompt, generate

@@ -39,6 +39,7 @@ from ..arg_types import (ArgumentParser, non_negative_float, non_negative_int, n
                          probability, seed)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
+from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import load, resolve_path
 from ..model.kvquant import GROUP_SIZES, INDEX_BITS, KV_BITS, check_quantization
 from . import multimodal
@@ -214,7 +215,11 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
     tool_text: List[str] = []
     prev_state = sm_state[0]
-    blocks: List[str] = []
+
+    def end_block(closed: bool) -> None:
+        body = "".join(tool_text)
+        tool_text.clear()
+        _take_block(out, body, closed, getattr(tokenizer, "tool_parser", None), tools, pieces["normal"])
     for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
                                 prefill_step_size=prefill_step_size, kv_bits=kv_bits,
@@ -226,8 +231,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
             segments.append((state, flushed))
         for state, text in segments:
             if prev_state == "tool" and state != "tool":
-                blocks.append("".join(tool_text))
-                tool_text.clear()
+                end_block(closed=True)
             if state == "tool":
                 tool_text.append(text)
             elif state in pieces:
@@ -241,28 +245,32 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
         out.peak_memory = resp.peak_memory
     out.context_full = capped and out.finish_reason == "length"
     if prev_state == "tool" and tool_text:
-        blocks.append("".join(tool_text))
+        end_block(closed=False)  # the reply ended inside the block (max tokens, the context limit)
     if input_embeddings is None:
         cache.record(list(rest) + out.tokens)
-
     out.text, out.reasoning = "".join(pieces["normal"]), "".join(pieces["reasoning"])
-    out.tool_call_text = blocks
-    _parse_tool_calls(out, getattr(tokenizer, "tool_parser", None), tools)
     return out
 
 
-def _parse_tool_calls(out: Generation, parser, tools: Optional[list]) -> None:
-    """out.tool_calls from out.tool_call_text with the tokenizer's parser; blocks it refuses
-    (e.g. cut off mid-call by max tokens) go to out.unparsed_tool_calls."""
+def _take_block(out: Generation, body: str, closed: bool, parser, tools: Optional[list], content: List[str]) -> None:
+    """A tool-call block's calls into out.tool_calls, as the server takes them: a block with
+    a call cut off (by max tokens) holds no call, and a block without a call goes back into
+    the answer as the model wrote it (and into out.unparsed_tool_calls)."""
+    out.tool_call_text.append(body)
     if parser is None:
         return
-    for block in out.tool_call_text:
-        try:
-            parsed = parser(block, tools)
-        except ValueError:
-            out.unparsed_tool_calls.append(block)
-            continue
-        out.tool_calls += parsed if isinstance(parsed, list) else [parsed]
+    try:
+        if not closed and parser is parse_tool_call:
+            calls = parse_tool_calls(body, tools, complete=False)
+        else:
+            parsed = parser(body, tools)
+            calls = parsed if isinstance(parsed, list) else [parsed]
+    except (ValueError, json.JSONDecodeError):
+        calls = []
+    out.tool_calls += calls
+    if not calls:
+        out.unparsed_tool_calls.append(body)
+        content.append(unparsed_block(body, closed))
 
 
 # -- terminal output ----------------------------------------------------------------------------
