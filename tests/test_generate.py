@@ -360,6 +360,48 @@ def test_chat_cli_commands(ckpt, capsys):
     assert "[conversation reset]" in out and out.count("[prompt: ") == 2
 
 
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(ckpt, loaded, capsys, monkeypatch):
+    """Ctrl-C mid-reply: the session goes on from the conversation before that message (the
+    layers the stopped reply reached are trimmed back), and an unknown /command is a hint."""
+    from minimax_m3_mlx.serving import chat, generate as gen_mod
+
+    real, calls = gen_mod.stream_generate, []
+
+    def stopped_on_second_reply(*a, **k):
+        calls.append(1)
+        for i, resp in enumerate(real(*a, **k)):
+            if len(calls) == 2 and i == 3:
+                # mid-step, as a real Ctrl-C lands: one layer has taken a token the others have not
+                cache = k["prompt_cache"]
+                cache[1].update_and_fetch(*(mx.zeros((1, 2, 1, 32)),) * 2)
+                raise KeyboardInterrupt
+            yield resp
+
+    import mlx.core as mx
+
+    monkeypatch.setattr(gen_mod, "stream_generate", stopped_on_second_reply)
+    sessions = []
+    real_session = chat.ChatSession
+
+    class Recorded(real_session):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(chat, "ChatSession", Recorded)
+    lines = iter(["hello", "tell me more", "/thnik enabled", "//slash", "/exit"])
+    assert chat.main(["--model", str(ckpt[0]), "-m", "6", "--thinking", "disabled"],
+                     input_fn=lambda _: next(lines)) == 0
+    out = capsys.readouterr().out
+    assert "[reply stopped; the conversation is as it was before this message]" in out
+    assert "[unknown command /thnik;" in out
+    msgs = sessions[0].messages
+    assert [m["content"] for m in msgs if m["role"] == "user"] == ["hello", "/slash"]
+    model, tok = loaded
+    fresh = gen_mod.generate(model, tok, gen_mod.chat_prompt(tok, msgs[:3], thinking="disabled"), max_tokens=6)
+    assert fresh.text == msgs[3]["content"]
+
+
 def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
     """A cache file written for one model is refused for another."""
     from minimax_m3_mlx.serving.generate import PromptCache

@@ -7,7 +7,8 @@ turn: in practice only the new user message is processed. Earlier replies go bac
 the conversation with their reasoning (`reasoning_content`), as the template expects.
 
 Commands: /think enabled|adaptive|disabled (thinking mode for the next turns), /reset
-(forget the conversation), /help, /exit (or Ctrl-D).
+(forget the conversation), /help, /exit (or Ctrl-D). Ctrl-C stops a reply and keeps the
+conversation as it was before that message; `//text` sends a message that begins with `/`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .generate import (
 from ..chat_format.markers import THINKING_MODES
 from ..loading import load
 
-HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit"
+HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit; Ctrl-C stops a reply"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -118,10 +119,19 @@ def main(argv=None, input_fn=input) -> int:
                 session.thinking = mode
                 print(f"[thinking {mode}]")
             continue
+        if cmd.startswith("//"):
+            query = cmd[1:]
+        elif cmd.startswith("/"):
+            print(f"[unknown command {cmd.split()[0]}; {HELP}; //text sends a message that begins with /]")
+            continue
         try:
             gen = session.ask(query, on_text=printer)
         except ValueError as e:  # e.g. past the context limit: this message is dropped, the rest kept
             print(f"[error: {e}; the message was not sent]")
+            continue
+        except KeyboardInterrupt:  # the session's cache rewinds to the conversation on the next turn
+            printer.stop()
+            print("\n[reply stopped; the conversation is as it was before this message]")
             continue
         printer.finish(gen)
         if gen.context_full:

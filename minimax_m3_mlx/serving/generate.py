@@ -88,6 +88,7 @@ class PromptCache:
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")
+        self.rewind()
         n = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
@@ -104,6 +105,18 @@ class PromptCache:
         if self.offset != len(self.tokens):
             raise RuntimeError(f"prompt cache holds {self.offset} tokens but records {len(self.tokens)}")
         return prompt[n:]
+
+    def rewind(self) -> None:
+        """Every layer back to the tokens recorded. A reply stopped part-way (Ctrl-C in chat)
+        leaves the layers it reached holding more, and not all the same number."""
+        n = len(self.tokens)
+        if all(c.offset == n for c in self.cache):
+            return
+        if not can_trim_prompt_cache(self.cache) or any(c.offset < n for c in self.cache):
+            self.reset()
+            return
+        for c in self.cache:
+            c.trim(c.offset - n)
 
     def record(self, fed: Sequence[int]) -> None:
         """After generation: the cache now holds the tokens fed (prompt rest + generated), up to its offset."""
@@ -299,6 +312,12 @@ class Printer:
             self.state = state
         if state != "tool":  # tool calls are printed whole, once parsed (see finish)
             self.write(text)
+
+    def stop(self) -> None:
+        """A reply cut short: plain text from here on."""
+        if self.state == "reasoning" and self.color and not self.hide_thinking:
+            self.write(RESET)
+        self.state = None
 
     def finish(self, gen: Generation) -> None:
         if self.state == "reasoning" and not self.hide_thinking:
