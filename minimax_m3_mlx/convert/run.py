@@ -53,7 +53,8 @@ try:
     from minimax_m3_mlx.model import Model
 except ImportError as e:  # the weights follow minimax_m3_mlx's names and caches
     raise ImportError(
-        "this model runs on the minimax_m3_mlx package: install it (pip install minimax-m3-mlx) "
+        "this model runs on the minimax_m3_mlx package, which is not on PyPI: install it from its source "
+        "folder (the one holding its pyproject.toml) with `pip install -e /path/to/minimax_m3_mlx`, "
         "in the environment that runs mlx-lm"
     ) from e
 

@@ -52,8 +52,9 @@ def _processor_classes():
     except (ImportError, RuntimeError) as e:
         raise ImportError(
             "images and video need transformers' MiniMax-M3 processors, which need torchvision, Pillow "
-            "and PyAV: pip install \"minimax-m3-mlx[vision]\" (it pins a torch/torchvision pair that imports "
-            f"together; a CPU-only torch build cannot load PyPI's torchvision) ({type(e).__name__}: {e})"
+            "and PyAV: in the package's source folder, pip install -e \".[vision]\" (it pins a torch/torchvision "
+            f"pair that imports together; a CPU-only torch build cannot load PyPI's torchvision) "
+            f"({type(e).__name__}: {e})"
         ) from None
     return MiniMaxM3VLProcessor, MiniMaxM3VLImageProcessor, MiniMaxM3VLVideoProcessor
 
