@@ -298,6 +298,19 @@ def test_bad_input_is_one_error_line(name, argv, expect, folders, capfd):
     assert_one_error_line(rc, err, expect.format(**values))
 
 
+def test_every_flag_has_help_and_there_is_a_version(capsys):
+    import minimax_m3_mlx
+    from minimax_m3_mlx.cli import demo, plan
+    from minimax_m3_mlx.convert import cli as convert_cli
+    from minimax_m3_mlx.serving import chat, generate, server
+
+    for parser in (demo.build_parser(), plan.build_parser(), convert_cli.build_parser(),
+                   generate.setup_arg_parser(), chat.setup_arg_parser(), server.setup_arg_parser()):
+        assert [a.option_strings for a in parser._actions if not a.help] == [], parser.prog
+    rc, out, err = run_cli(["--version"], capsys)
+    assert rc == 0 and out == f"minimax-m3 {minimax_m3_mlx.__version__}\n" and not err
+
+
 def test_nothing_is_written_by_a_refused_convert(folders):
     root = folders["root"]
     assert not any((root / f"o{i}").exists() for i in range(1, 13))

@@ -38,7 +38,7 @@ def demo_checkpoint(seed: int):
     return config, {**synthetic.random_weights(config, seed=seed), **synthetic.random_vision_weights(config, seed)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="minimax-m3 demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", default="mxfp8", choices=synthetic.LAYOUTS, help="checkpoint layout to write")
@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="Tell me about sparse attention.", help="the message to the model")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and of sampling (default 0)")
     p.add_argument("--keep", default=None, help="write the checkpoint here and keep it (a new or empty folder)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.keep:  # never write over another model's files
         keep = Path(args.keep)

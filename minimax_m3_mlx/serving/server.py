@@ -466,7 +466,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     add_cache_args(p, start=False)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="server log detail (default INFO: one line per request)")
     return p
 
 
