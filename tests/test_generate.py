@@ -402,6 +402,31 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(ckpt, loaded, ca
     assert fresh.text == msgs[3]["content"]
 
 
+def test_prefill_progress(ckpt, loaded, capsys, monkeypatch):
+    """generate() reports each prefill chunk; the CLI shows it as one tqdm line on stderr (tokens,
+    tokens/s), and only for a prefill that takes longer than progress.DELAY_S."""
+    import io
+
+    from minimax_m3_mlx.serving import generate as gen_mod, progress
+
+    model, tok = loaded
+    prompt = gen_mod.chat_prompt(tok, user("word " * 60))
+    calls = []
+    gen_mod.generate(model, tok, prompt, max_tokens=2, prefill_step_size=64, prompt_progress=lambda *a: calls.append(a))
+    n = len(prompt)
+    assert calls[0] == (0, n) and calls[-1] == (n, n) and (64, n) in calls and (128, n) in calls
+    for delay, shown in ((0, True), (3600, False)):
+        out = io.StringIO()
+        bar = progress.PrefillProgress(file=out, delay=delay)
+        for done in (0, 64, 128, n, n):
+            bar(done, n)
+        assert ("prefill" in out.getvalue() and "tok/s" in out.getvalue()) == shown, out.getvalue()
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    assert gen_mod.main(["--model", str(ckpt[0]), "-p", "word " * 60, "-m", "2", "--prefill-step-size", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill" in err and "tok/s" in err
+
+
 def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):
     """A cache file written for one model is refused for another."""
     from minimax_m3_mlx.serving.generate import PromptCache

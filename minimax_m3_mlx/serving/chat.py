@@ -30,6 +30,7 @@ from .generate import (
 )
 from ..chat_format.markers import THINKING_MODES
 from ..loading import load
+from .progress import PrefillProgress
 
 HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit; Ctrl-C stops a reply"
 
@@ -59,14 +60,14 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         # The cache is kept: the system and developer turns stay a shared prefix.
 
-    def ask(self, text: str, on_text=None):
+    def ask(self, text: str, on_text=None, prompt_progress=None):
         """One turn. A message the model cannot take (e.g. past the context limit) raises
         ValueError and leaves the conversation as it was."""
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = chat_prompt(self.tokenizer, messages, thinking=self.thinking)
         gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=self.sampler,
                        prompt_cache=self.cache, prefill_step_size=self.prefill_step_size, on_text=on_text,
-                       **self.cache_options)
+                       prompt_progress=prompt_progress, **self.cache_options)
         self.messages = messages
         reply = {"role": "assistant", "content": gen.text}
         if gen.reasoning:
@@ -124,8 +125,9 @@ def main(argv=None, input_fn=input) -> int:
         elif cmd.startswith("/"):
             print(f"[unknown command {cmd.split()[0]}; {HELP}; //text sends a message that begins with /]")
             continue
+        progress = PrefillProgress()
         try:
-            gen = session.ask(query, on_text=printer)
+            gen = session.ask(query, on_text=printer, prompt_progress=progress)
         except ValueError as e:  # e.g. past the context limit: this message is dropped, the rest kept
             print(f"[error: {e}; the message was not sent]")
             continue
@@ -133,6 +135,8 @@ def main(argv=None, input_fn=input) -> int:
             printer.stop()
             print("\n[reply stopped; the conversation is as it was before this message]")
             continue
+        finally:
+            progress.close()
         printer.finish(gen)
         if gen.context_full:
             print("[the reply stopped at the context limit; /reset starts a new conversation]")

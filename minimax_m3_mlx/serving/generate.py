@@ -43,6 +43,7 @@ from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparse
 from ..loading import load, resolve_path
 from ..model.kvquant import GROUP_SIZES, INDEX_BITS, KV_BITS, check_quantization
 from . import multimodal
+from .progress import PrefillProgress
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -201,7 +202,8 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
              tools: Optional[list] = None, prefill_step_size: int = 2048,
              on_text: Optional[Callable[[str, str], None]] = None,
              input_embeddings: Optional[mx.array] = None, kv_bits: Optional[int] = None,
-             kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> Generation:
+             kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+             prompt_progress: Optional[Callable[[int, int], None]] = None) -> Generation:
     """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
 
     `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
@@ -210,6 +212,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     embeddings; such a prompt neither reuses nor records a cached prefix, because every
     image's placeholder tokens are the same ids. `kv_bits` quantizes every layer's cache
     (index keys included) once it holds `quantized_kv_start` tokens (mlx-lm's switches).
+    `prompt_progress(done, total)` follows the prefill (mlx-lm's prompt_progress_callback).
     """
     room = reply_room(model, len(prompt))  # before the cache is touched: a refusal changes nothing
     capped = room is not None and (max_tokens < 0 or max_tokens > room)
@@ -222,6 +225,8 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     else:
         rest = cache.reuse(prompt)
     extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
+    if prompt_progress is not None:
+        extra["prompt_progress_callback"] = prompt_progress
     out = Generation(cached_tokens=len(prompt) - len(rest))
     sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
     bare_think_end = BareThinkEnd.for_reply(tokenizer, sm_state[0])
@@ -469,10 +474,15 @@ def main(argv=None) -> int:
     seed_ranks(group, args.seed)  # after the load, whose module initialisations draw from the random state
     printer = Printer(hide_thinking=args.hide_thinking)
     print("=" * 10)
-    gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
-                   prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
-                   input_embeddings=embeddings, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                   quantized_kv_start=args.quantized_kv_start)
+    progress = PrefillProgress() if group.rank() == 0 else None
+    try:
+        gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
+                       prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
+                       input_embeddings=embeddings, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                       quantized_kv_start=args.quantized_kv_start, prompt_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     printer.finish(gen)
     print("=" * 10)
     if not gen.tokens:
