@@ -40,7 +40,7 @@ def demo_checkpoint(seed: int):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="minimax-m3 demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", default="mxfp8", choices=synthetic.LAYOUTS, help="checkpoint layout to write")
     p.add_argument("--max-tokens", type=positive_int, default=48, help="most tokens to generate (default 48)")
     p.add_argument("--prompt", default="Tell me about sparse attention.", help="the message to the model")

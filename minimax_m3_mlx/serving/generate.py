@@ -207,7 +207,8 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
 
     `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
-    removed). The reply's tool calls are parsed with the tokenizer's tool parser.
+    removed). The reply's tool calls are parsed with the tokenizer's tool parser; a block
+    cut off by max_tokens holds no call and comes back as text (finish_reason "length").
     `input_embeddings` ([L, hidden], e.g. from multimodal.prepare) replace the prompt's
     embeddings; such a prompt neither reuses nor records a cached prefix, because every
     image's placeholder tokens are the same ids. `kv_bits` quantizes every layer's cache
@@ -238,6 +239,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
         body = "".join(tool_text)
         tool_text.clear()
         _take_block(out, body, closed, getattr(tokenizer, "tool_parser", None), tools, pieces["normal"])
+
     for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
                                 prefill_step_size=prefill_step_size, kv_bits=kv_bits,
