@@ -452,6 +452,14 @@ def test_subprocess_error_is_one_line_and_verbose_adds_the_traceback(folders):
     assert verbose.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
+def test_no_library_warning_before_the_error_line(folders):
+    """In a real process: transformers' log handler keeps the stderr of the process that made
+    it, which a test's capture does not see. Its sequence-length warning came first here."""
+    res = subprocess.run([sys.executable, "-m", "minimax_m3_mlx", "generate", "--model", str(folders["small"]),
+                          "-p", LONG_PROMPT], capture_output=True, text=True, env=_env(), timeout=120)
+    assert_one_error_line(res.returncode, res.stderr, "the model's context holds 400")
+
+
 # Converts with a pause after each finished shard, so that Ctrl-C lands mid-run.
 SLOW_CONVERT = """
 import sys, time
