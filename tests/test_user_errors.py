@@ -165,6 +165,7 @@ CASES = [
      "not a video PyAV can decode"),
     ("gen-kv-group-size", ["generate", "--model", "{good}", "--kv-bits", "4"],
      "--kv-group-size 64 does not divide head_dim=32: pass --kv-group-size 32"),
+    ("gen-kv-start", ["generate", "--model", "{good}", "--quantized-kv-start", "-5"], "--quantized-kv-start: must be"),
     ("gen-index-bits", ["generate", "--model", "{good}", "--index-bits", "4"], "--index-bits 4 quantizes"),
     ("chat-kv-group-size", ["chat", "--model", "{good}", "--kv-bits", "8"], "--kv-group-size 64 does not divide"),
     ("gen-image-and-cache", ["generate", "--model", "{good}", "--image", "{root}/empty.png",

@@ -376,7 +376,7 @@ def add_cache_args(parser: argparse.ArgumentParser, start: bool = True) -> None:
     parser.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=64,
                         help="group size of the cache quantization (default 64)")
     if start:
-        parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+        parser.add_argument("--quantized-kv-start", type=non_negative_int, default=DEFAULT_QUANTIZED_KV_START,
                             help=f"tokens of context before the cache is quantized "
                                  f"(default {DEFAULT_QUANTIZED_KV_START})")
     parser.add_argument("--index-bits", type=int, choices=INDEX_BITS, default=None,
