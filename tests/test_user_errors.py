@@ -140,6 +140,7 @@ CASES = [
     ("gen-config-is-folder", ["generate", "--model", "{config_folder}"], "cannot be read"),
     ("gen-config-binary", ["generate", "--model", "{binary_config}"], "config.json"),
     ("gen-missing-model-flag", ["generate", "-p", "hi"], "--model"),
+    ("gen-unknown-flag", ["generate", "--model", "{good}", "--tmep", "1"], "unrecognized arguments: --tmep 1"),
     # -- generate: values ------------------------------------------------------------------------
     ("gen-temp", ["generate", "--model", "{good}", "--temp", "-1"], "--temp: must be in [0, inf]"),
     ("gen-temp-nan", ["generate", "--model", "{good}", "--temp", "nan"], "--temp: must be in"),
