@@ -467,7 +467,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     add_cache_args(p, start=False)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                   help="server log detail (default INFO: one line per request)")
+                   help="how much the server logs (default INFO)")
     return p
 
 
