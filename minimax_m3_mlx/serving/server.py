@@ -70,7 +70,8 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from ..arg_types import json_object, non_negative_float, non_negative_int, number, port, positive_int, probability, size
+from ..arg_types import (ArgumentParser, json_object, non_negative_float, non_negative_int, number, port,
+                         positive_int, probability, size)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
@@ -439,7 +440,7 @@ class MiniMaxAPIHandler(AccessControl, APIHandler):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
@@ -465,7 +466,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     add_cache_args(p, start=False)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="how much the server logs (default INFO)")
     return p
 
 
