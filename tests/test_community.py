@@ -276,6 +276,15 @@ def test_plan_and_debug_log_name_the_layout(sources, made, capsys, caplog):
     with caplog.at_level(logging.DEBUG, logger="minimax_m3_mlx"):
         load_model(path)
     assert any(layouts.MLX_LM in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    logger = logging.getLogger("minimax_m3_mlx")
+    level, handlers = logger.level, list(logger.handlers)
+    try:  # --verbose turns the package's debug log on
+        assert main(["plan", "--model", str(path), "--hosts", "64", "--context", "1024", "--verbose"]) == 0
+        assert any(r.getMessage().startswith("checkpoint layout: " + layouts.MLX_LM) for r in caplog.records)
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
 
 
 def test_convert_refuses_a_quantized_community_folder(sources, made, tmp_path, capsys):

@@ -2,12 +2,13 @@
 
 Every command's errors end here: a mistake prints one line, `minimax-m3 CMD: error: ...`,
 and exits non-zero; `--verbose` (anywhere on the command line) or MINIMAX_M3_VERBOSE=1
-adds the traceback.
+adds the traceback and the package's debug log.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -53,12 +54,17 @@ def main(argv=None) -> int:
         print("usage: minimax-m3 <command> [options] [--verbose]\n\ncommands:")
         for name, (_, help_) in available.items():
             print(f"  {name:<10} {help_}")
-        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error")
+        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error and the debug log")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"minimax-m3: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
     prog = f"minimax-m3 {argv[0]}"
+    if verbose:  # the package's debug log too (e.g. which checkpoint layout a load found)
+        logger = logging.getLogger("minimax_m3_mlx")
+        logger.setLevel(logging.DEBUG)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
     try:
         module = importlib.import_module(available[argv[0]][0])
         return module.main(argv[1:]) or 0
