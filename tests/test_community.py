@@ -53,6 +53,8 @@ MLX_VLM = {
     "q4": dict(quantize=True, q_bits=4),
     "mxfp4": dict(quantize=True, q_mode="mxfp4", q_bits=4, q_group_size=32),
     "mixed_3_6": dict(quantize=True, quant_predicate="mixed_3_6"),
+    "nvfp4": dict(quantize=True, q_mode="nvfp4", q_bits=4, q_group_size=16),
+    "unquantized": dict(),
 }
 
 
@@ -302,14 +304,60 @@ def test_convert_refuses_a_quantized_community_folder(sources, made, tmp_path, c
 
 
 def test_convert_requantizes_an_unquantized_community_folder(sources, made, tmp_path, tokens):
-    """An unquantized mlx-lm folder is as good a source as the release: `minimax-m3 convert -q`
-    on it gives exactly what it gives on the release it came from."""
+    """An unquantized mlx-lm or mlx-vlm folder is as good a source as the release:
+    `minimax-m3 convert -q` on it gives exactly what it gives on the release it came from."""
     from minimax_m3_mlx.cli import main
 
-    path = mlx_lm_folder(made, sources, "unquantized")
-    for src, out in ((path, tmp_path / "from-mlx-lm"), (sources[0] / "original", tmp_path / "from-release")):
+    paths = {"mlx-lm": mlx_lm_folder(made, sources, "unquantized"),
+             "mlx-vlm": mlx_vlm_folder(made, sources, "unquantized"), "release": sources[0] / "original"}
+    logits = {}
+    for name, src in paths.items():
+        out = tmp_path / name
+        # mlx-vlm's config says no dtype (the converter's default is then bfloat16): say float32
         assert main(["convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-bits", "4",
-                     "--drop-vision", "--no-progress"]) == 0
-    a, _ = load_model(tmp_path / "from-mlx-lm")
-    b, _ = load_model(tmp_path / "from-release")
-    assert np.array_equal(np.array(a(mx.array(tokens))), np.array(b(mx.array(tokens))))
+                     "--drop-vision", "--no-progress", "--dtype", "float32"]) == 0
+        model, _ = load_model(out)
+        logits[name] = np.array(model(mx.array(tokens)))
+    assert np.array_equal(logits["mlx-lm"], logits["release"])
+    assert np.array_equal(logits["mlx-vlm"], logits["release"])
+
+
+def test_mlx_lm_loader_with_our_classes(sources, made, tokens):
+    """mlx-lm's own loader with this package's classes (Model.sanitize maps the names; its
+    loader reads each module's quantization back from the tensors too) equals ours."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    import minimax_m3_mlx
+
+    path = mlx_lm_folder(made, sources, "mxfp8-q4")
+    theirs, _ = mlx_lm_load(path, get_model_classes=minimax_m3_mlx.get_model_classes,
+                            model_config={"model_file": None})
+    ours, _ = load_model(path)
+    assert np.array_equal(np.array(theirs(mx.array(tokens))), np.array(ours(mx.array(tokens))))
+
+
+def test_broken_quantized_tensors_are_named(sources, made, tmp_path):
+    """A quantized layer without its biases, or with scales that do not fit: one line naming it."""
+    import shutil
+
+    from minimax_m3_mlx.io.reader import load_arrays
+
+    path = mlx_lm_folder(made, sources, "q4")
+    for what, edit, msg in (
+        ("biases", lambda a: a.pop(f"{L}.self_attn.q_proj.biases"), "needs biases"),
+        ("scales", lambda a: a.__setitem__(f"{L}.self_attn.q_proj.scales", a[f"{L}.self_attn.q_proj.scales"][:, :0]),
+         "does not pack"),
+    ):
+        dst = tmp_path / what
+        shutil.copytree(path, dst)
+        arrays = load_arrays(dst)
+        edit(arrays)
+        for f in dst.glob("*.safetensors"):
+            f.unlink()
+        mx.save_safetensors(str(dst / "model.safetensors"), arrays, metadata={"format": "mlx"})
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in arrays}}))
+        with pytest.raises(CheckpointError, match=f"language_model.model.layers.1.self_attn.q_proj: .*{msg}"):
+            load_model(dst)
+
+
+L = "language_model.model.layers.1"
