@@ -22,7 +22,8 @@ import pytest
 from conftest import Case
 from reference import reference_logits, rel_err
 
-from minimax_m3_mlx import CheckpointError, load_model, synthetic
+from minimax_m3_mlx import CheckpointError, load_model
+from minimax_m3_mlx.loading import check_folder
 from minimax_m3_mlx.io.reader import locate
 from minimax_m3_mlx.model.moe import QuantizedRouter
 from minimax_m3_mlx.weights import layouts
@@ -228,7 +229,7 @@ def test_bfloat16_mlx_lm_folder(case, sources, made, tokens):
     assert ours_err <= 1.2 * port_err + 1e-2, (ours_err, port_err)
 
 
-def test_unknown_layout_is_one_line(case, sources, tmp_path):
+def test_unknown_layout_is_one_line(case, sources, tmp_path, capsys):
     """A folder whose names match no known layout: one error naming what it lacks."""
     import shutil
 
@@ -246,6 +247,14 @@ def test_unknown_layout_is_one_line(case, sources, tmp_path):
     (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="matches no known MiniMax-M3 layout: it lacks the token embedding"):
         load_model(dst)
+    # the server checks the folder's headers before it listens
+    with pytest.raises(CheckpointError, match="matches no known MiniMax-M3 layout"):
+        check_folder(dst)
+    from minimax_m3_mlx.cli import main
+
+    assert main(["generate", "--model", str(dst), "--prompt", "hi", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minimax-m3 generate: error: ") and "lacks the token embedding" in err[0]
     lacking = {k: v for k, v in arrays.items() if "experts" not in k and "switch_mlp" not in k}
     lacking = {k.replace("tok_embeddings", "embed_tokens"): v for k, v in lacking.items()}
     with pytest.raises(CheckpointError, match="lacks the routed experts of its 3 MoE layer"):

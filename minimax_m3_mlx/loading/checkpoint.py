@@ -10,6 +10,7 @@ is loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import replace
@@ -53,9 +54,11 @@ def check_folder(path: Path) -> None:
     """What makes a folder unloadable, found from its config and file headers alone (the
     server checks before it listens: the weights load in its generation thread, where a
     failure could only be logged)."""
-    ModelArgs.from_file(path)
+    args = ModelArgs.from_file(path)
+    names = []
     for f in weight_files(path):
-        read_header(f)
+        names += [k for k in read_header(f)[0] if k != "__metadata__"]
+    check_known_layout(args, names)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
 
@@ -87,8 +90,11 @@ def apply_mlx_quantization(model: nn.Module, weights: Dict[str, mx.array]) -> Di
     def predicate(path, module):
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
             return False
-        specs[path] = infer_quantization(path, module["weight"].shape[-1], weights)
-        return specs[path]
+        spec = infer_quantization(path, module["weight"].shape[-1], weights)
+        if spec.pop("global_scale", False) and "global_scale" in inspect.signature(module.to_quantized).parameters:
+            spec["global_scale"] = True  # else the stray tensor is named by check_weights
+        specs[path] = spec
+        return spec
 
     nn.quantize(model, class_predicate=predicate)
     return specs
