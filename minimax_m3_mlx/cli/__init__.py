@@ -7,6 +7,7 @@ adds the traceback and the package's debug log.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -60,13 +61,31 @@ def main(argv=None) -> int:
             return 2
         return 0
     prog = f"minimax-m3 {argv[0]}"
-    if verbose:  # the package's debug log too (e.g. which checkpoint layout a load found)
-        logger = logging.getLogger("minimax_m3_mlx")
-        logger.setLevel(logging.DEBUG)
-        if not logger.handlers:
-            logger.addHandler(logging.StreamHandler())
+    with _debug_log(verbose):
+        return _run(prog, available[argv[0]][0], argv, verbose)
+
+
+@contextlib.contextmanager
+def _debug_log(on: bool):
+    """With --verbose, the package's debug log (e.g. which checkpoint layout a load found) on
+    stderr for the command's run."""
+    if not on:
+        yield
+        return
+    logger = logging.getLogger("minimax_m3_mlx")
+    level, handler = logger.level, logging.StreamHandler()
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
     try:
-        module = importlib.import_module(available[argv[0]][0])
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(prog: str, module_name: str, argv, verbose: bool) -> int:
+    try:
+        module = importlib.import_module(module_name)
         return module.main(argv[1:]) or 0
     except KeyboardInterrupt:
         if verbose:
