@@ -370,3 +370,23 @@ def test_broken_quantized_tensors_are_named(sources, made, tmp_path):
 
 
 L = "language_model.model.layers.1"
+
+
+def test_generate_from_community_folders(sources, made, tmp_path, capsys):
+    """The commands read these folders as they are, with the tokenizer and processor files
+    their converters wrote: text from an mlx-lm folder, an image prompt from an mlx-vlm one."""
+    from PIL import Image
+
+    from minimax_m3_mlx.cli import main
+
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((56, 84, 3)) * 255).astype(np.uint8)).save(image)
+    text_only = ["--model", str(mlx_lm_folder(made, sources, "q4"))]
+    with_image = ["--model", str(mlx_vlm_folder(made, sources, "q4")), "--image", str(image)]
+    prompt_tokens = []
+    for extra in (text_only, with_image):
+        assert main(["generate", *extra, "--prompt", "what is this", "--max-tokens", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "Generation: 3 tokens" in out, out
+        prompt_tokens.append(int(out.split("Prompt: ")[1].split(" tokens")[0]))
+    assert prompt_tokens[1] > prompt_tokens[0]  # the image's placeholder tokens
