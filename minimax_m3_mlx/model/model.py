@@ -263,7 +263,8 @@ class Model(nn.Module):
         ]
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map any released checkpoint layout onto this model's parameter names (weights/sanitize.py).
+        """Map any released checkpoint layout, or a folder mlx-lm's or mlx-vlm's converter wrote,
+        onto this model's parameter names (weights/sanitize.py).
 
         Names only: the model is not changed. Vision tensors are kept when the model has a
         tower and left out otherwise. MX-packed layers (MXFP8, FP8 with ue8m0 scales) stay

@@ -32,10 +32,10 @@ def infer_quantization(path: str, in_dims: int, weights: Mapping[str, mx.array])
                               f"does not pack {in_dims} input elements per row")
     group_size, bits = in_dims // s.shape[-1], w.shape[-1] * 32 // in_dims
     if s.dtype != mx.uint8:
-        if bits not in AFFINE_BITS or f"{path}.biases" not in weights:
-            raise CheckpointError(f"{path}: {bits}-bit affine quantization needs biases and bits in "
-                                  f"{AFFINE_BITS}; the folder has {'no ' if f'{path}.biases' not in weights else ''}"
-                                  f"biases")
+        if f"{path}.biases" not in weights:
+            raise CheckpointError(f"{path}: affine quantization (float scales) needs biases, and the folder has none")
+        if bits not in AFFINE_BITS:
+            raise CheckpointError(f"{path}: {bits}-bit affine quantization; MLX packs {AFFINE_BITS} bits")
         return {"group_size": group_size, "bits": bits, "mode": "affine"}
     mode = _MICROSCALING.get((bits, group_size))
     if mode is None:
