@@ -61,7 +61,11 @@ MLX_VLM = {
 
 @pytest.fixture(scope="module")
 def case():
-    return Case(WIDE, seed=7)
+    from test_vision import random_vision_weights
+
+    c = Case(WIDE, seed=7)
+    c.vision = random_vision_weights(c.vision, seed=8)  # LayerNorm scales and biases too
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +200,12 @@ def test_mlx_vlm_vision_tower_equals_mlx_vlm(case, sources, made):
         ours = np.array(encode_grids(model, pix, np.array([grid])))
         vlm = np.array(theirs.encode_image(mx.array(pix), mx.array([grid])))
         assert ours.shape == vlm.shape
+        print(f"vision tower, grid {grid}: {rel_err(ours, vlm):.2e} from mlx-vlm's")
         assert rel_err(ours, vlm) < TOL, rel_err(ours, vlm)
+    # the folder's tower is the one compared: a changed weight shows
+    fc1 = model.vision_tower.layers[0].mlp.fc1
+    fc1.bias = fc1.bias + 0.1
+    assert rel_err(np.array(encode_grids(model, pix, np.array([grid]))), vlm) > 1e-3
 
 
 def upcast(model):
