@@ -82,8 +82,10 @@ def _split_switch_packed(weights: Dict[str, mx.array], n_experts: int) -> Dict[s
     """mlx-vlm's `switch_mlp.gate_up_proj` [E(+1), 2I, H'] and `down_proj` [E+1, H, I']: expert
     number E is the shared expert (packed in when it has the routed experts' size). Split
     along the expert axis and gate/up along the output rows: exact for quantized tensors too
-    (packing runs along the input axis). The halves are made contiguous once here rather
-    than copied by every gather_qmm."""
+    (packing runs along the input axis). The gate/up halves are strided views: made
+    contiguous once here rather than copied by every gather_qmm. The routed down_proj stays a
+    view of its buffer (no copy), which keeps the shared expert's 1/(E+1) of it alive beside
+    the shared expert's own copy: 0.8% of down_proj's bytes for the real model's 128 experts."""
     out = {}
     for k, v in weights.items():
         m = re.match(r"^(.*\.mlp\.)switch_mlp\.(gate_up_proj|down_proj)\.(weight|scales|biases)$", k)
