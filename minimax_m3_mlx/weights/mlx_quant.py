@@ -29,7 +29,8 @@ def infer_quantization(path: str, in_dims: int, weights: Mapping[str, mx.array])
     w, s = weights[f"{path}.weight"], weights[f"{path}.scales"]
     if w.dtype != mx.uint32 or s.shape[-1] == 0 or in_dims % s.shape[-1] or (w.shape[-1] * 32) % in_dims:
         raise CheckpointError(f"{path}: quantized weight {tuple(w.shape)} {w.dtype} with scales {tuple(s.shape)} "
-                              f"does not pack {in_dims} input elements per row")
+                              f"does not pack the {in_dims} input elements per row the model expects "
+                              f"(config.json does not match the weights)")
     group_size, bits = in_dims // s.shape[-1], w.shape[-1] * 32 // in_dims
     if s.dtype != mx.uint8:
         if f"{path}.biases" not in weights:
