@@ -19,7 +19,7 @@ mixin adds to the response generator:
   the reply together and the text is dropped.
 
 A rank that dies (out of memory inside a forward pass, a killed process) is not
-recoverable this way: mlx.launch then stops the other ranks.
+recoverable this way: the others end with a line naming it (liveness.py).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
-from . import shutdown as stopping
+from . import liveness, shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .checks import check_messages, check_stop, check_tools, thinking_from_request
 from .cluster import ClusterError, ClusterFollowing, MediaError
@@ -513,6 +513,7 @@ class Server:
         if mx.distributed.init().rank() == 0:  # the rank that listens
             settle_access(self.args)
         self.provider = MiniMaxModelProvider(self.args)
+        liveness.start(mx.distributed.init())  # under mlx.launch: a rank that dies ends the others
         self.response_generator = MiniMaxResponseGenerator(self.provider, _PromptCaches(self.args.prompt_cache_size, self.provider))
         self.httpd, self.host, self.port, self._thread = None, None, None, None
         try:
