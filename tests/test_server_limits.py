@@ -200,3 +200,14 @@ def test_queue_bound_answers_429_with_retry_after(server):
     for _ in chunks:  # the held request ends normally
         pass
     assert client.chat.completions.create(model="mm3", messages=HELLO, max_tokens=2).choices
+
+
+def test_long_log_lines_are_cut():
+    """mlx-lm logs a malformed body whole: a line of the server's log stays short."""
+    import logging
+
+    from minimax_m3_mlx.serving.limits import LOG_CHARS, ShortLogLines
+
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "JSONDecodeError - Raw body: %s", ("y" * 10**6,), None)
+    ShortLogLines().filter(record)
+    assert len(record.getMessage()) < LOG_CHARS + 50 and "(1000028 characters)" in record.getMessage()

@@ -10,13 +10,16 @@ ever, and every client times out). Here, each in OpenAI's error shape:
 - a chat with more than `--max-images` image parts is a 400;
 - when `--decode-concurrency` requests are being answered and `--max-queued-requests` more
   wait, the next one gets 429 with `Retry-After`, as OpenAI's API answers a client that
-  must back off.
+  must back off;
+- a log line is cut to `LOG_CHARS` (mlx-lm logs a malformed body whole, at ERROR: up to
+  --max-body-bytes written to the terminal for one bad request).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import threading
 import time
 
@@ -24,6 +27,7 @@ from ..arg_types import non_negative_int, size
 from .http_errors import RequestError, openai_error
 
 RETRY_AFTER_SECONDS = 1
+LOG_CHARS = 2000
 DRAIN_SECONDS = 5  # how long a refused body is read and dropped, so that its client reads the 413
 
 
@@ -119,3 +123,17 @@ class RequestLimits:
             super().handle_completion(request, stop_words)
         finally:
             self.admission.leave()
+
+
+class ShortLogLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > LOG_CHARS:
+            record.msg, record.args = f"{message[:LOG_CHARS]}... ({len(message)} characters)", ()
+        return True
+
+
+def shorten_log_lines() -> None:
+    """On the handlers logging.basicConfig made (the server's main)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ShortLogLines())

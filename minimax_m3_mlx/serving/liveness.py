@@ -6,10 +6,10 @@ nobody, for ever, and mlx.launch would wait for it. Here each following rank hol
 connection to rank 0 (rank 0 listens on a free port of the address the hostfile gives it,
 and shares the port and a random token with the first collective). The kernel closes a
 killed process's connections, so the other end learns of the death at once; TCP keepalive
-covers a host that vanished. A rank that has lost a peer and has not ended by itself
-`GRACE_SECONDS` later (a clean stop ends every rank within that time) prints one line
-naming the lost rank and exits with status 1, without running the collectives it would
-hang in.
+covers a host that vanished. A rank that loses a peer prints one line naming it and exits
+with status 1 at once, without running the collectives it would hang in; once the ranks
+have shared the stop (`ending()`: a clean end, where every rank closes its connections),
+only a rank still running `GRACE_SECONDS` later does.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ from .shutdown import block_in_this_thread
 GRACE_SECONDS = 10.0
 CONNECT_SECONDS = 30.0
 PROG = "minimax-m3 server"
+_ending = threading.Event()
+
+
+def ending() -> None:
+    """The ranks have shared the stop (cluster.py): connections closing now are their clean end."""
+    _ending.set()
 
 
 def _rank0_address() -> Optional[str]:
@@ -51,8 +57,9 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 def _lost(rank: int, why: str) -> None:
-    """Called from a watch thread: end the process unless it ends by itself first."""
-    time.sleep(GRACE_SECONDS)
+    """Called from a watch thread: end the process (after a clean stop, unless it ends by itself first)."""
+    if _ending.is_set():
+        time.sleep(GRACE_SECONDS)
     print(f"{PROG}: error: lost rank {rank} ({why}); the cluster cannot go on without it", file=sys.stderr,
           flush=True)
     os._exit(1)  # the other threads sit in collectives that never return: no clean exit exists

@@ -81,7 +81,8 @@ from .checks import check_messages, check_stop, check_tools, thinking_from_reque
 from .cluster import ClusterError, ClusterFollowing, MediaError
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
-from .limits import Admission, RequestLimits, add_arguments as add_limit_arguments, check_image_count
+from .limits import (Admission, RequestLimits, add_arguments as add_limit_arguments, check_image_count,
+                     shorten_log_lines)
 from .media import add_arguments as add_media_arguments, image_parts, inline_images
 from .multimodal import server_images
 from .routing import ServedModels, add_arguments as add_routing_arguments
@@ -571,6 +572,7 @@ class Server:
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    shorten_log_lines()
     stopping.install(mx.distributed.init())  # Ctrl-C, SIGTERM, SIGHUP; under mlx.launch, on every rank
     server = Server(args)
     if server.httpd is not None:
