@@ -190,8 +190,9 @@ def test_body_size(server):
 
 def test_queue_bound_answers_429_with_retry_after(server):
     client = _client(server)
+    no_eos = {str(t): -100.0 for t in server.provider.tokenizer.eos_token_ids}  # held until its 60 tokens
     stream = client.chat.completions.create(model="mm3", messages=HELLO, max_tokens=60, stream=True,
-                                            extra_body={"logit_bias": {}})
+                                            extra_body={"logit_bias": no_eos})
     chunks = iter(stream)
     next(chunks)  # the one request the server holds (--decode-concurrency 1, --max-queued-requests 0)
     got, headers, text = _post(server.port, {"messages": HELLO, "max_tokens": 2})
