@@ -135,6 +135,7 @@ def test_served_names_and_nothing_else(server):
             client.chat.completions.create(model=name, messages=HELLO)
         assert info.value.code == "model_not_found" and "minimax-m3, mm3" in info.value.message
     assert client.models.retrieve("mm3").id == "mm3"
+    assert client.models.retrieve(ids[2]).id == ids[2]  # the absolute path
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
     with pytest.raises(ValueError, match="not served here"):  # the provider itself loads nothing else

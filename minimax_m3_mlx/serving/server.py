@@ -57,6 +57,7 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 from typing import List, Optional
+from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine
@@ -397,7 +398,8 @@ class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
         served = self.response_generator.model_provider.served
         models = [{"id": i, "object": "model", "created": getattr(self, "created", int(time.time())),
                    "owned_by": "minimax-m3-mlx"} for i in served.ids]
-        wanted = self.path[len("/v1/models"):].strip("/")
+        wanted = unquote(self.path[len("/v1/models"):]).strip("/")
+        wanted = "/" + wanted if "/" + wanted in served.ids else wanted  # an absolute path as the id
         body = {"object": "list", "data": models}
         if wanted:
             try:
