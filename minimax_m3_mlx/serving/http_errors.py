@@ -15,9 +15,9 @@ from typing import Optional
 class RequestError(ValueError):
     """A refused request, with OpenAI's `param` and `code` for its error body."""
 
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None, status: int = 400):
         super().__init__(message)
-        self.param, self.code = param, code
+        self.param, self.code, self.status = param, code, status
 
 
 def openai_error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
