@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import huggingface_hub
 import mlx.core as mx
@@ -27,6 +27,7 @@ from ..io.reader import load_arrays, read_header, weight_files
 from ..model import Model
 from ..weights.quant import MX_BLOCK
 from ..weights.sanitize import has_vision_tensors, sanitize
+from .streamed import stream_experts
 
 
 def resolve_path(path_or_repo: str | Path) -> Path:
@@ -115,11 +116,17 @@ def prepare_model(config: dict, args: ModelArgs, arrays: Dict[str, mx.array]) ->
     return model, weights
 
 
-def load_model(path: str | Path, lazy: bool = False):
-    """Build the model from a checkpoint folder in any supported layout -> (model, config)."""
+def load_model(path: str | Path, lazy: bool = False, expert_memory: Optional[Union[int, str]] = None):
+    """Build the model from a checkpoint folder in any supported layout -> (model, config).
+
+    expert_memory: bytes (or "auto") of routed experts to hold in memory, the rest read
+    from the folder's files as the router asks for them (streamed.py); a converted folder.
+    """
     path = resolve_path(path)
     config, args = read_config(path)
     model, weights = prepare_model(config, args, load_arrays(path))
+    if expert_memory is not None:
+        weights = stream_experts(model, path, weights, expert_memory)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())
