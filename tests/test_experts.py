@@ -157,3 +157,63 @@ def test_expert_file_broken_after_loading_names_the_file(folders, tokens, tmp_pa
         model(tokens)
     f.write_bytes(saved)  # the pool was left as it was: with the file back, the logits are right
     assert rel(np.array(model(tokens)), want) < 1e-6
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+def _generate(capsys, folder, *extra):
+    from minimax_m3_mlx import cli
+
+    argv = ["generate", "--model", str(folder), "--prompt", "hello there", "-m", "12", "--thinking", "disabled", *extra]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_generate_with_expert_memory_writes_the_resident_text(folders, capsys):
+    folder = folders["float32"]
+    rc, want, _ = _generate(capsys, folder)
+    assert rc == 0
+    rc, got, _ = _generate(capsys, folder, "--expert-memory", str(TOP_K * slot_bytes(folder)))
+    assert rc == 0
+    text = lambda out: out.split("=" * 10)[1]  # noqa: E731
+    assert text(got) == text(want) and text(got).strip()
+    assert f"Experts: {TOP_K} slots per layer" in got
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("20000", "below the minimum of"), ("lots", "'lots' is not a size"),
+])
+def test_generate_refuses_a_bad_expert_memory_in_one_line(folders, capsys, value, expect):
+    rc, _, err = _generate(capsys, folders["float32"], "--expert-memory", value)
+    errors = [line for line in err.splitlines() if "error:" in line]  # argparse's usage lines aside
+    assert rc not in (0, None) and "Traceback" not in err and len(errors) == 1, err
+    assert "minimax-m3 generate: error:" in errors[0] and expect in errors[0], err
+
+
+def test_server_refuses_a_small_budget_before_listening(folders):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "minimax_m3_mlx", "server", "--model", str(folders["float32"]),
+                        "--port", "0", "--expert-memory", "20000"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "minimax-m3 server: error:" in lines[0], p.stderr
+    assert "below the minimum of" in lines[0]
+
+
+def test_auto_takes_what_is_left_after_the_rest_the_kv_cache_and_a_margin(folders):
+    from minimax_m3_mlx.loading.streamed import MARGIN, auto_expert_memory
+    from minimax_m3_mlx.parallel.sizing import cache_bytes
+
+    model, _ = load_model(folders["float32"])
+    kv = sum(cache_bytes(model.args, 1000))
+    assert auto_expert_memory(model.args, 5_000_000, context=1000, memory=10**8) == \
+        int(10**8 * (1 - MARGIN)) - 5_000_000 - kv
+    with pytest.raises(ExpertMemoryError, match="nothing is left for experts"):
+        auto_expert_memory(model.args, 10**8, context=1000, memory=10**8)
+    streamed, _ = load_model(folders["float32"], expert_memory="auto")  # this machine: every expert fits
+    assert streamed.expert_streamer.n_slots == EXPERTS_PER_LAYER

@@ -27,7 +27,7 @@ from ..io.reader import load_arrays, read_header, weight_files
 from ..model import Model
 from ..weights.quant import MX_BLOCK
 from ..weights.sanitize import has_vision_tensors, sanitize
-from .streamed import stream_experts
+from .streamed import check_expert_memory, stream_experts
 
 
 def resolve_path(path_or_repo: str | Path) -> Path:
@@ -45,11 +45,13 @@ def resolve_path(path_or_repo: str | Path) -> Path:
         ) from None
 
 
-def check_folder(path: Path) -> None:
+def check_folder(path: Path, expert_memory: Optional[Union[int, str]] = None) -> None:
     """What makes a folder unloadable, found from its config and file headers alone (the
     server checks before it listens: the weights load in its generation thread, where a
-    failure could only be logged)."""
-    ModelArgs.from_file(path)
+    failure could only be logged); with `expert_memory`, what --expert-memory would refuse."""
+    args = ModelArgs.from_file(path)
+    if expert_memory is not None:
+        check_expert_memory(path, args, expert_memory)
     for f in weight_files(path):
         read_header(f)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 
 from ..io.reader import locate
 from ..model import Model
-from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes
+from ..config import ModelArgs
+from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_tensors, slots_for
 from ..parallel.sizing import cache_bytes
 
 AUTO = "auto"
@@ -32,11 +33,11 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def auto_expert_memory(model: Model, resident_bytes: int, context: int = AUTO_CONTEXT,
+def auto_expert_memory(args: ModelArgs, resident_bytes: int, context: int = AUTO_CONTEXT,
                        memory: Optional[int] = None) -> int:
     """What `--expert-memory auto` gives the experts: memory - margin - other weights - KV cache."""
     memory = machine_memory() if memory is None else memory
-    kv, idx = cache_bytes(model.args, context)
+    kv, idx = cache_bytes(args, context)
     left = int(memory * (1 - MARGIN)) - resident_bytes - kv - idx
     if left <= 0:
         raise ExpertMemoryError(
@@ -46,15 +47,29 @@ def auto_expert_memory(model: Model, resident_bytes: int, context: int = AUTO_CO
     return left
 
 
+def settle(args: ModelArgs, expert_memory: Union[int, str], resident_bytes: int) -> int:
+    """The budget in bytes: `expert_memory` itself, or what `auto` leaves."""
+    if expert_memory == AUTO:
+        return auto_expert_memory(args, resident_bytes)
+    if isinstance(expert_memory, str) or expert_memory <= 0:
+        raise ExpertMemoryError(f"--expert-memory must be a positive size or {AUTO!r}, got {expert_memory!r}")
+    return expert_memory
+
+
+def check_expert_memory(path: Path, args: ModelArgs, expert_memory: Union[int, str]) -> None:
+    """What `stream_experts` would refuse, found from the headers alone (the server checks
+    before it listens; its weights load in a thread where a failure could only be logged)."""
+    stored = locate(path)
+    resident = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
+    layers = [layer_tensors(stored, i) for i in range(args.num_hidden_layers) if args.is_moe(i)]
+    slots_for(settle(args, expert_memory, resident), layers, args.num_experts_per_tok)
+
+
 def stream_experts(model: Model, path: Path, weights: Dict[str, mx.array],
                    expert_memory: Union[int, str]) -> Dict[str, mx.array]:
     """Give `model` its expert pools; returns the weights to load (the experts' replaced by the pools')."""
     rest = {k: v for k, v in weights.items() if EXPERTS not in k}
-    if expert_memory == AUTO:
-        expert_memory = auto_expert_memory(model, sum(v.nbytes for v in rest.values()))
-    elif isinstance(expert_memory, str) or expert_memory <= 0:
-        raise ExpertMemoryError(f"--expert-memory must be a positive size or {AUTO!r}, got {expert_memory!r}")
     stored = {k: t for k, t in locate(path).items() if EXPERTS in k}
-    model.stream_experts(stored, expert_memory)
+    model.stream_experts(stored, settle(model.args, expert_memory, sum(v.nbytes for v in rest.values())))
     rest.update((k, v) for k, v in tree_flatten(model.parameters()) if EXPERTS in k)
     return rest

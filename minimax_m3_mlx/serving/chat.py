@@ -82,7 +82,7 @@ def main(argv=None, input_fn=input) -> int:
     if mx.distributed.init().size() > 1:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
-    model, tokenizer = load(args.model, thinking=args.thinking)
+    model, tokenizer = load(args.model, thinking=args.thinking, expert_memory=args.expert_memory)
     try:
         apply_cache_args(model, args)
     except ValueError as e:
