@@ -10,6 +10,7 @@ after loading.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import mlx.core as mx
@@ -217,3 +218,17 @@ def test_auto_takes_what_is_left_after_the_rest_the_kv_cache_and_a_margin(folder
         auto_expert_memory(model.args, 10**8, context=1000, memory=10**8)
     streamed, _ = load_model(folders["float32"], expert_memory="auto")  # this machine: every expert fits
     assert streamed.expert_streamer.n_slots == EXPERTS_PER_LAYER
+
+
+def test_plan_offers_expert_memory_on_a_mac_too_small_for_the_model(capsys):
+    from minimax_m3_mlx.cli import plan
+
+    assert plan.main(["--hosts", "1x128", "--recipe", "mac-256gb", "--ssd-gbs", "6"]) == 1  # the model does not fit
+    out = capsys.readouterr().out
+    bank = float(re.findall(r"bank ([\d.]+) GB", out)[0])
+    budget = int(re.findall(r"--expert-memory (\d+)GB", out)[0])
+    share = float(re.findall(r"(\d+)% of the bank in memory", out)[0]) / 100
+    per_token, missed = (float(x) for x in re.findall(r"uses ([\d.]+) GB.*reads ([\d.]+) GB per token", out)[0])
+    speed = float(re.findall(r"at 6 GB/s: ([\d.]+) tok/s", out)[0])
+    assert 0 < budget < bank and abs(share - budget / bank) < 0.01
+    assert abs(missed - (1 - share) * per_token) < 0.05 and abs(speed - 6 / missed) < 0.1

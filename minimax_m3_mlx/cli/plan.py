@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..arg_types import non_negative_float, positive_int
+from ..arg_types import non_negative_float, positive_float, positive_int
 from ..config import ModelArgs
 from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
@@ -30,6 +30,7 @@ from ..convert.recipes import (
 )
 from ..loading.sharded import inspect_checkpoint
 from ..parallel.sizing import activation_bytes, cache_bytes, rank_usage, table_from_shapes
+from .plan_experts import expert_lines
 from ..weights.sharding import ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split
 
 GB = 1e9
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
     ap.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32),
                     help="index keys (default: 8 with --kv-bits, else the config's index_cache_dtype)")
+    ap.add_argument("--ssd-gbs", type=positive_float, default=6.0,
+                    help="the Mac's SSD read speed in GB/s, for the --expert-memory estimate (default 6)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     return ap
 
@@ -302,6 +305,10 @@ def main(argv=None) -> int:
     for h in sorted(set(hosts)):
         room = (h - a.reserve_gb) * GB - total_weights - activation_bytes(args, a.prefill_chunk, 1, a.batch, dtype_bytes)
         print(f"  {h:.0f} GB: {max(0, int(room / ((kv + idx) / (1 << 20)))):,} tokens")
+    if best is None and len(hosts) == 1 and plans[0].ranks:
+        r = plans[0].ranks[0]
+        print("\n".join(expert_lines(args, table, r.capacity / GB, r.total - sum(
+            t.nbytes for k, t in table.items() if ".mlp.switch_mlp." in k), a.ssd_gbs)))
     return _print_recommendation(best, why)
 
 

@@ -206,6 +206,7 @@ class RangeReader:
         self._fds: Dict[Path, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.drop_page_cache = False  # benchmarks: every read comes from the disk, not the page cache
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -224,6 +225,8 @@ class RangeReader:
             raise CheckpointError(f"{t.file}: cannot read {t.name} ({e.strerror or e})") from None
         if got != n:
             raise CheckpointError(f"{t.file}: truncated while reading {t.name} ({got} of {n} bytes)")
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fd(t.file), t.offset + rows[0] * t.row_nbytes, n, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += n
         return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
