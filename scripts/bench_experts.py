@@ -10,7 +10,7 @@ Each budget (a fraction of the expert bank) and routing runs in its own process 
 peak RSS), after the bank's pages are dropped from the page cache (posix_fadvise
 DONTNEED), and every expert read drops its pages again, so every miss is read from the disk:
 
-  decode        `--decode` tokens one at a time after a short prompt
+  decode        `--decode` random tokens one at a time after a 16-token prompt
   prefill       one chunk of `--chunk` tokens through a fresh cache
   disk GB/s     measured in the same process: one sequential read of `--disk-probe` bytes
                 and expert-sized reads at random experts (the prediction uses the latter)
@@ -20,6 +20,7 @@ DONTNEED), and every expert read drops its pages again, so every miss is read fr
 
   python scripts/bench_experts.py --folder /tmp/bank --layers 4 --json out.json
   python scripts/bench_experts.py --folder /tmp/bank --clean   # delete the folder afterwards
+  python scripts/bench_experts.py --folder /tmp/bank --page-cache --chunk 0   # no disk: the streaming's own cost
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def write_folder(folder: Path, n_layers: int) -> None:
     mx.random.seed(0)
     folder.mkdir(parents=True)
     for path, m in model.named_modules():
-        if EXPERTS[:-1] in f".{path}.":  # the experts are written below, straight from numpy
+        if EXPERTS[:-1] in f".{path}." or path.endswith(".gate"):  # experts: below; routers: one_run
             continue
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             bd._randomize_quantized(m, mx.bfloat16)
@@ -173,6 +174,20 @@ def _fd(path):
     return _FDS[path]
 
 
+def random_routers(model, seed: int = 3) -> None:
+    """Router weights of std 1/sqrt(hidden): scores of order one. (Larger ones saturate the
+    sigmoid, every expert scores 1.0 and the top-k is the same few experts for every token.)"""
+    mx.random.seed(seed)
+    for layer in model.layers:
+        gate = layer.mlp.gate
+        gate.weight = mx.random.normal(gate.weight.shape) / gate.weight.shape[1] ** 0.5
+    # Token embeddings well above the attention output: with random weights a decode step's
+    # attention is close to the mean of the cached values, the same for every token, and
+    # would otherwise make every token's routing the same.
+    emb = model.language_model.model.embed_tokens
+    emb.scales, emb.biases = emb.scales * 300000, emb.biases * 300000
+
+
 def zipf_bias(model, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for layer in model.layers:
@@ -193,6 +208,7 @@ def one_run(a) -> dict:
     model, _ = load_model(folder, expert_memory=max(1, int(bank * a.fraction)))
     streamer = model.expert_streamer
     streamer.reader.drop_page_cache = not a.page_cache  # bench only: every miss comes from the disk
+    random_routers(model)
     if a.routing == "zipf":
         zipf_bias(model)
     rng = np.random.default_rng(2)
@@ -201,11 +217,12 @@ def one_run(a) -> dict:
     cache = model.make_cache()
     mx.eval(model(mx.array(rng.integers(0, VOCAB, (1, 16))), cache=cache))
     streamer.stats.reset()
-    tok = mx.array(rng.integers(0, VOCAB, (1, 1)))
+    # Random tokens, not the argmax: a random model's greedy output repeats one token, whose
+    # routing then repeats too; the bench wants routing as varied as its router makes it.
+    toks = rng.integers(0, VOCAB, (a.decode, 1, 1))
     t0 = time.perf_counter()
-    for _ in range(a.decode):
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
-        mx.eval(tok)
+    for tok in toks:
+        mx.eval(model(mx.array(tok), cache=cache))
     dt = time.perf_counter() - t0
     s = streamer.stats
     per_tok = s.bytes_read / a.decode

@@ -477,7 +477,7 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
                     use_default_chat_template=False, decode_concurrency=8, prompt_concurrency=4,
                     kv_bits=None, kv_group_size=64, quantized_kv_start=0, pipeline=False,
-                    index_bits=None)
+                    index_bits=None, expert_memory=None)
     for k, v in defaults.items():
         if not hasattr(args, k):
             setattr(args, k, v)
