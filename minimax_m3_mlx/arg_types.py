@@ -70,3 +70,11 @@ def size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def size_or_auto(text: str):
+    """A size (512MB, 8GB) or the word `auto`."""
+    return "auto" if text == "auto" else size(text)
+
+
+size_or_auto.__name__ = "size"

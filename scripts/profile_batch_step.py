@@ -40,7 +40,7 @@ def _ms(fn, steps: int) -> float:
 
 def _pieces(layer, x, cache, steps):
     """The MSA layer's batch step (batch_decode.step), each piece evaluated alone."""
-    pre, post = batch_decode._pieces(layer)
+    pre, post = decode.pieces(layer)
     attn = layer.self_attn
     out = {}
     state = {}

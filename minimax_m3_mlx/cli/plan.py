@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..arg_types import ArgumentParser, non_negative_float, positive_int
+from ..arg_types import ArgumentParser, non_negative_float, positive_float, positive_int
 from ..config import ModelArgs
 from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
@@ -30,6 +30,7 @@ from ..convert.recipes import (
 )
 from ..loading.sharded import inspect_checkpoint
 from ..parallel.sizing import activation_bytes, cache_bytes, rank_usage, table_from_shapes
+from .plan_experts import expert_lines
 from ..weights.sharding import ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split
 
 GB = 1e9
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="group size of the quantized cache (default 64)")
     ap.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32),
                     help="index keys (default: 8 with --kv-bits, else the config's index_cache_dtype)")
+    ap.add_argument("--ssd-gbs", type=positive_float, default=6.0,
+                    help="the Mac's SSD read speed in GB/s, for the --expert-memory estimate (default 6)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     return ap
 
@@ -309,6 +312,10 @@ def main(argv=None) -> int:
             n = min(largest_context(p, a.context), args.max_position_embeddings)
             limit = " (the model's limit)" if n == args.max_position_embeddings else ""
             print(f"  largest context with {p.name}: about {n:,} tokens per sequence{limit}")
+    if best is None and len(hosts) == 1 and plans[0].ranks:
+        r = plans[0].ranks[0]
+        print("\n".join(expert_lines(args, table, r.capacity / GB, r.total - sum(
+            t.nbytes for k, t in table.items() if ".mlp.switch_mlp." in k), a.ssd_gbs)))
     return _print_recommendation(best, why)
 
 

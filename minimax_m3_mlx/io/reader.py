@@ -13,7 +13,9 @@ bfloat16 or float8 to read those tensors as.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -202,3 +204,43 @@ class TensorReader:
             f.close()
         self._files.clear()
         self._maps.clear()
+
+
+class RangeReader:
+    """Reads row ranges of tensors with `os.pread`: safe to call from many threads at once
+    (no shared file position), so several expert reads can be in flight (model/experts.py)."""
+
+    def __init__(self):
+        self._fds: Dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.drop_page_cache = False  # benchmarks: every read comes from the disk, not the page cache
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def read_rows(self, t: StoredTensor, rows: Tuple[int, int]) -> np.ndarray:
+        """Rows [a, b) of `t` in a fresh buffer; a file that ends early is an error naming it."""
+        n = t.rows_nbytes(rows)
+        buf = np.empty(n, np.uint8)
+        try:
+            got = os.preadv(self._fd(t.file), [memoryview(buf)], t.offset + rows[0] * t.row_nbytes) if n else 0
+        except OSError as e:
+            raise CheckpointError(f"{t.file}: cannot read {t.name} ({e.strerror or e})") from None
+        if got != n:
+            raise CheckpointError(f"{t.file}: truncated while reading {t.name} ({got} of {n} bytes)")
+        if self.drop_page_cache:
+            os.posix_fadvise(self._fd(t.file), t.offset + rows[0] * t.row_nbytes, n, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += n
+        return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -8,12 +8,13 @@ between them by the group's size and adds the tokenizer with MiniMax-M3's chat c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..chat_format.tokenizer import configure_tokenizer
 from ..io import CheckpointError
+from ..model.experts import ExpertMemoryError
 from .checkpoint import check_folder, get_model_classes, load_model, resolve_path, tokenizer_problem
 from .sharded import load_sharded
 
@@ -21,7 +22,8 @@ __all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_p
 
 
 def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] = None, *,
-         group=None, mode: str = "tensor", tensor: Optional[int] = None, thinking: Optional[str] = None):
+         group=None, mode: str = "tensor", tensor: Optional[int] = None, thinking: Optional[str] = None,
+         expert_memory: Optional[Union[int, str]] = None):
     """(model, tokenizer) from a checkpoint folder, like `mlx_lm.load`.
 
     The first three parameters keep 0.1.0's positional order (`load(path, lazy,
@@ -32,11 +34,17 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
     "pipeline", "both" with `tensor` ranks per stage: see sharded.load_sharded); otherwise
     the whole model. The tokenizer gets MiniMax-M3's markers, tool parser and `thinking`
     as its default thinking mode (chat_format.tokenizer.configure_tokenizer).
+
+    expert_memory: bytes of routed experts held in memory (or "auto": what is left after
+    the rest of the model, a 32K-token KV cache and a 10% margin); the others are read
+    from the folder's files as the router picks them (streamed.py). One process only.
     """
     if group is not None and group.size() > 1:
+        if expert_memory is not None:
+            raise ExpertMemoryError("--expert-memory runs on one process for now, not under mlx.launch")
         model, config = load_sharded(path, group, mode, tensor)
     else:
-        model, config = load_model(path, lazy=lazy)
+        model, config = load_model(path, lazy=lazy, expert_memory=expert_memory)
     path = resolve_path(path)
     problem = tokenizer_problem(path)
     if problem:

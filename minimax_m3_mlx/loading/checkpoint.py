@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import huggingface_hub
 import mlx.core as mx
@@ -31,6 +31,7 @@ from ..weights.quant import MX_BLOCK
 from ..weights.layouts import check_known_layout
 from ..weights.mlx_quant import describe, infer_quantization
 from ..weights.sanitize import has_vision_tensors, sanitize
+from .streamed import check_expert_memory, stream_experts
 
 log = logging.getLogger("minimax_m3_mlx")
 
@@ -50,11 +51,13 @@ def resolve_path(path_or_repo: str | Path) -> Path:
         ) from None
 
 
-def check_folder(path: Path) -> None:
+def check_folder(path: Path, expert_memory: Optional[Union[int, str]] = None) -> None:
     """What makes a folder unloadable, found from its config and file headers alone (the
     server checks before it listens: the weights load in its generation thread, where a
-    failure could only be logged)."""
+    failure could only be logged); with `expert_memory`, what --expert-memory would refuse."""
     args = ModelArgs.from_file(path)
+    if expert_memory is not None:
+        check_expert_memory(path, args, expert_memory)
     names = []
     for f in weight_files(path):
         names += [k for k in read_header(f)[0] if k != "__metadata__"]
@@ -162,11 +165,17 @@ def prepare_model(config: dict, args: ModelArgs, arrays: Dict[str, mx.array]) ->
     return model, weights
 
 
-def load_model(path: str | Path, lazy: bool = False):
-    """Build the model from a checkpoint folder in any supported layout -> (model, config)."""
+def load_model(path: str | Path, lazy: bool = False, expert_memory: Optional[Union[int, str]] = None):
+    """Build the model from a checkpoint folder in any supported layout -> (model, config).
+
+    expert_memory: bytes (or "auto") of routed experts to hold in memory, the rest read
+    from the folder's files as the router asks for them (streamed.py); a converted folder.
+    """
     path = resolve_path(path)
     config, args = read_config(path)
     model, weights = prepare_model(config, args, load_arrays(path))
+    if expert_memory is not None:
+        weights = stream_experts(model, path, weights, expert_memory)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

@@ -9,8 +9,6 @@ capacity only, so each is traced once per batch width, not per token.
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
@@ -32,18 +30,8 @@ def usable(layer, x: mx.array, cache) -> bool:
             and n_idx == attn.n_kv_heads and msa.group_maps(attn.n_heads, attn.n_kv_heads, n_idx)[0] == n_idx)
 
 
-def _pieces(layer):
-    """decode.step's compiled pre/post of this layer (made here if decode.step has not yet)."""
-    fns = layer.__dict__.get("_decode_fns")
-    if fns is None:
-        fns = (mx.compile(partial(decode._pre, layer), inputs=layer),
-               mx.compile(partial(decode._post, layer), inputs=layer))
-        layer.__dict__["_decode_fns"] = fns
-    return fns
-
-
 def step(layer, x: mx.array, cache) -> mx.array:
-    pre, post = _pieces(layer)
+    pre, post = decode.pieces(layer)
     attn = layer.self_attn
     pos = cache.offset
     if attn.is_sparse:

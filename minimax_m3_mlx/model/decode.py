@@ -59,14 +59,23 @@ def position(offset: int) -> mx.array:
     return _POSITION[1]
 
 
-def step(layer, x: mx.array, cache) -> mx.array:
+def pieces(layer):
+    """The layer's compiled (pre, post), made on first use."""
     fns = layer.__dict__.get("_decode_fns")
     if fns is None:
         # `inputs=layer`: the graphs read the layer's current weights on every call, so
         # weights loaded or replaced after the first token are used, not stale copies.
-        fns = (mx.compile(partial(_pre, layer), inputs=layer), mx.compile(partial(_post, layer), inputs=layer))
+        post = partial(_post, layer)
+        # Streamed experts read the router's choices on the host (and disk): not in a graph.
+        if getattr(layer.mlp, "streamed", None) is None:
+            post = mx.compile(post, inputs=layer)
+        fns = (mx.compile(partial(_pre, layer), inputs=layer), post)
         layer.__dict__["_decode_fns"] = fns
-    pre, post = fns
+    return fns
+
+
+def step(layer, x: mx.array, cache) -> mx.array:
+    pre, post = pieces(layer)
     attn = layer.self_attn
     pos = position(cache.offset)
     if attn.is_sparse:

@@ -15,7 +15,8 @@ from ..weights.sanitize import sanitize
 from ..weights.sharding import (
     ShardingError, check_pipeline, check_tensor_parallel, default_split, stage_layers, table_from_arrays,
 )
-from . import batch_decode, decode, vision
+from ..io.reader import StoredTensor
+from . import batch_decode, decode, experts, vision
 from .attention import Attention
 from .cache import SparseKVCache
 from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
@@ -139,6 +140,7 @@ class Model(nn.Module):
         # Set by the per-rank loader on a pipeline stage without the token embedding when the
         # checkpoint has a tower: the first stage holds it, this stage takes image prompts too.
         self.vision_elsewhere = False
+        self.expert_streamer = None  # set by stream_experts()
         self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
         self.checkpoint_layout = None  # set by the loaders: the folder's layout and quantization, in words
         # Index-key bits of the caches make_cache builds (--index-bits; kvquant.INDEX_BITS):
@@ -240,6 +242,31 @@ class Model(nn.Module):
             tm.embed_tokens = None
         tm.pipeline_stage = stages
         return self
+
+    # -- experts streamed from disk (experts.py) ------------------------------------------------
+    def stream_experts(self, tensors: Dict[str, StoredTensor], expert_memory: int,
+                       prefetch: bool = True) -> experts.ExpertStreamer:
+        """Keep the routed experts on disk and `expert_memory` bytes of them in per-layer slot pools.
+
+        `tensors`: where the checkpoint stores each switch_mlp tensor (io.reader.locate), in
+        this model's names; after pipeline() only this stage's layers are streamed. Call it
+        before loading the other weights: the pools replace the experts' parameters.
+        """
+        if self.tensor_group is not None:
+            raise experts.ExpertMemoryError("--expert-memory does not run tensor parallel yet (use pipeline)")
+        offset = self.language_model.model.layer_offset
+        moe = [(offset + i, layer.mlp) for i, layer in enumerate(self.layers) if layer.is_moe]
+        if not moe:
+            raise experts.ExpertMemoryError("--expert-memory: this model has no routed experts")
+        stored = [experts.layer_tensors(tensors, i) for i, _ in moe]
+        n_slots = experts.slots_for(expert_memory, stored, self.args.num_experts_per_tok)
+        streamer = experts.ExpertStreamer(prefetch=prefetch)
+        for t, (_, block) in zip(stored, moe):
+            layer = experts.LayerExperts(streamer, t, n_slots, block.gate)
+            streamer.layers.append(layer)
+            block.stream(layer)
+        self.expert_streamer = streamer
+        return streamer
 
     # -- mlx-lm's contract --------------------------------------------------------------------
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
@@ -112,13 +113,30 @@ class SparseMoeBlock(nn.Module):
         gather_mm_supports(mx.float16)
         self.shared_experts = DenseMLP(args, args.shared_intermediate_size)
         self.routed_scaling_factor = args.routed_scaling_factor
+        self.streamed = None  # set by stream(): the experts live on disk, a few in memory
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
-        y = self.switch_mlp(x, inds)
+        y = self.switch_mlp(x, inds) if self.streamed is None else self.streamed(self.switch_mlp, x, inds)
         # Weights stay float32 until after the sum, as in the reference.
         y = (y * weights[..., None]).sum(axis=-2) * self.routed_scaling_factor
         return y.astype(x.dtype) + self.shared_experts(x)
+
+    def stream(self, experts) -> None:
+        """Hold only `experts.n_slots` routed experts (experts.LayerExperts reads the rest from
+        disk on demand): the SwitchGLU keeps its structure and quantisation, with one row per
+        slot instead of one per expert."""
+        pool = experts.empty_pool()
+        own = dict(tree_flatten(self.switch_mlp.parameters()))
+        if set(pool) != set(own):
+            raise ValueError(f"streamed experts hold {sorted(pool)}, the layer has {sorted(own)}")
+        for k, a in pool.items():
+            if a.shape[1:] != own[k].shape[1:]:  # the dtype is the file's, as when loading
+                raise ValueError(f"switch_mlp.{k}: stored {list(a.shape[1:])} per expert, "
+                                 f"the layer has {list(own[k].shape[1:])}")
+        self.switch_mlp.update(tree_unflatten(list(pool.items())))
+        mx.eval(self.switch_mlp.parameters())
+        self.streamed = experts
 
     def shard(self, group) -> None:
         """Keep every routed expert's and the shared expert's slice of the intermediate

@@ -85,7 +85,7 @@ def main(argv=None, input_fn=input) -> int:
     if mx.distributed.init().size() > 1:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
-    model, tokenizer = load(args.model, thinking=args.thinking)
+    model, tokenizer = load(args.model, thinking=args.thinking, expert_memory=args.expert_memory)
     apply_cache_args(model, args)
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, sampler=make_cli_sampler(args),

@@ -36,7 +36,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import make_sampler
 
 from ..arg_types import (ArgumentParser, non_negative_float, non_negative_int, number, positive_float, positive_int,
-                         probability, seed)
+                         probability, seed, size_or_auto)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
@@ -337,13 +337,18 @@ class Printer:
         self.state = None
 
 
-def print_stats(gen: Generation, stream=None) -> None:
+def print_stats(gen: Generation, stream=None, model=None) -> None:
     """mlx-lm's end-of-generation figures."""
     stream = stream or sys.stdout
     cached = f" ({gen.cached_tokens} more from the prompt cache)" if gen.cached_tokens else ""
     print(f"Prompt: {gen.prompt_tokens} tokens, {gen.prompt_tps:.3f} tokens-per-sec{cached}", file=stream)
     print(f"Generation: {gen.generation_tokens} tokens, {gen.generation_tps:.3f} tokens-per-sec", file=stream)
     print(f"Peak memory: {gen.peak_memory:.3f} GB", file=stream)
+    experts = getattr(model, "expert_streamer", None) if model is not None else None
+    if experts is not None:  # --expert-memory
+        s = experts.stats
+        print(f"Experts: {experts.n_slots} slots per layer, {s.hit_rate:.1%} hits, {s.misses} read "
+              f"({s.bytes_read / 1e9:.3f} GB)", file=stream)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -365,7 +370,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per forward pass")
     parser.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
                         help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
+    add_expert_memory_arg(parser)
     add_cache_args(parser)
+
+
+def add_expert_memory_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expert-memory", type=size_or_auto, default=None, metavar="SIZE|auto",
+                        help="hold only SIZE bytes of routed experts in memory (e.g. 40GB), reading the others "
+                             "from the model folder as they are routed to; auto: what memory has left")
 
 
 def add_cache_args(parser: argparse.ArgumentParser, start: bool = True) -> None:
@@ -455,7 +467,8 @@ def main(argv=None) -> int:
             parser.error(f"--prompt-cache-file {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
-    model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking)
+    model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking,
+                            expert_memory=args.expert_memory)
 
     embeddings = None
     if args.ignore_chat_template or not tokenizer.has_chat_template:
@@ -491,7 +504,7 @@ def main(argv=None) -> int:
         print("No text generated for this prompt")
     if gen.context_full:
         print(f"[stopped at the context limit: {context_limit(model)} tokens]", file=sys.stderr)
-    print_stats(gen)
+    print_stats(gen, model=model)
     if args.prompt_cache_file:
         cache.save(args.prompt_cache_file, args.model)
     if group.size() > 1:

@@ -81,7 +81,9 @@ from . import liveness, shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .checks import check_messages, check_stop, check_tools, thinking_from_request
 from .cluster import ClusterError, ClusterFollowing, MediaError
-from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
+from .generate import (
+    ContextLimitError, add_cache_args, add_expert_memory_arg, apply_cache_args, check_cache_args, reply_room,
+)
 from .http_errors import OpenAIErrorBodies, RequestError
 from .limits import (Admission, RequestLimits, add_arguments as add_limit_arguments, check_image_count,
                      shorten_log_lines)
@@ -102,7 +104,7 @@ class MiniMaxModelProvider(ModelProvider):
     def __init__(self, cli_args):
         super().__init__(cli_args)
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
-        check_folder(path)
+        check_folder(path, cli_args.expert_memory)
         self.served = ServedModels(cli_args.model, cli_args.served_model_name)
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
@@ -121,7 +123,7 @@ class MiniMaxModelProvider(ModelProvider):
         # Under mlx.launch each rank loads its part, split as --parallel says.
         group = mx.distributed.init() if self.is_distributed else None
         model, tokenizer = load(path, group=group, mode=self.cli_args.parallel, tokenizer_config=tokenizer_config,
-                                thinking=self.cli_args.thinking)
+                                thinking=self.cli_args.thinking, expert_memory=self.cli_args.expert_memory)
 
         apply_cache_args(model, self.cli_args)  # --index-bits on the caches mlx-lm makes
         self.model_key = (model_path, adapter_path, draft_model_path)
@@ -473,6 +475,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most KV caches kept between requests")
     p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
     add_cache_args(p, start=False)
+    add_expert_memory_arg(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                    help="how much the server logs (default INFO)")
     return p
@@ -483,7 +486,7 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     defaults = dict(adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
                     use_default_chat_template=False, decode_concurrency=8, prompt_concurrency=4,
                     kv_bits=None, kv_group_size=64, quantized_kv_start=0, pipeline=False,
-                    index_bits=None)
+                    index_bits=None, expert_memory=None)
     for k, v in defaults.items():
         if not hasattr(args, k):
             setattr(args, k, v)

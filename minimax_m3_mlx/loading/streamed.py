@@ -1,0 +1,75 @@
+"""Loading with --expert-memory: the routed experts stay in the folder's files, a budget of them in memory.
+
+The model's own `stream_experts` builds the slot pools (model/experts.py); here the
+budget is settled (`auto`: what the machine has left after the other weights, the KV
+cache of a context and a margin) and the experts' tensors are taken out of what is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..io.reader import locate
+from ..model import Model
+from ..config import ModelArgs
+from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_tensors, slots_for
+from ..parallel.sizing import cache_bytes
+
+AUTO = "auto"
+AUTO_CONTEXT = 32768  # tokens of KV cache that `auto` leaves room for
+MARGIN = 0.10  # of the machine's memory, left free by `auto`
+
+
+def machine_memory() -> int:
+    """Bytes the backend may use: Metal's recommended working set on a Mac, else the RAM."""
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def auto_expert_memory(args: ModelArgs, resident_bytes: int, context: int = AUTO_CONTEXT,
+                       memory: Optional[int] = None) -> int:
+    """What `--expert-memory auto` gives the experts: memory - margin - other weights - KV cache."""
+    memory = machine_memory() if memory is None else memory
+    kv, idx = cache_bytes(args, context)
+    left = int(memory * (1 - MARGIN)) - resident_bytes - kv - idx
+    if left <= 0:
+        raise ExpertMemoryError(
+            f"--expert-memory auto: nothing is left for experts ({gigabytes(memory)} of memory, "
+            f"{gigabytes(resident_bytes)} of other weights, {gigabytes(kv + idx)} of KV cache for "
+            f"{context} tokens, {MARGIN:.0%} margin)")
+    return left
+
+
+def settle(args: ModelArgs, expert_memory: Union[int, str], resident_bytes: int) -> int:
+    """The budget in bytes: `expert_memory` itself, or what `auto` leaves."""
+    if expert_memory == AUTO:
+        return auto_expert_memory(args, resident_bytes)
+    if isinstance(expert_memory, str) or expert_memory <= 0:
+        raise ExpertMemoryError(f"--expert-memory must be a positive size or {AUTO!r}, got {expert_memory!r}")
+    return expert_memory
+
+
+def check_expert_memory(path: Path, args: ModelArgs, expert_memory: Union[int, str]) -> None:
+    """What `stream_experts` would refuse, found from the headers alone (the server checks
+    before it listens; its weights load in a thread where a failure could only be logged)."""
+    stored = locate(path)
+    resident = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
+    layers = [layer_tensors(stored, i) for i in range(args.num_hidden_layers) if args.is_moe(i)]
+    slots_for(settle(args, expert_memory, resident), layers, args.num_experts_per_tok)
+
+
+def stream_experts(model: Model, path: Path, weights: Dict[str, mx.array],
+                   expert_memory: Union[int, str]) -> Dict[str, mx.array]:
+    """Give `model` its expert pools; returns the weights to load (the experts' replaced by the pools')."""
+    rest = {k: v for k, v in weights.items() if EXPERTS not in k}
+    stored = {k: t for k, t in locate(path).items() if EXPERTS in k}
+    model.stream_experts(stored, settle(model.args, expert_memory, sum(v.nbytes for v in rest.values())))
+    rest.update((k, v) for k, v in tree_flatten(model.parameters()) if EXPERTS in k)
+    return rest
