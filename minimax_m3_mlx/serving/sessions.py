@@ -88,7 +88,7 @@ class SessionHandling:
         if cache is not None and reply is not None and cache.reasoning is not None and finish_reason is not None:
             messages = self.body.get("messages") if isinstance(getattr(self, "body", None), dict) else None
             if isinstance(messages, list):
-                cache.reasoning.remember(messages, reply.content_sent, reply.calls, "".join(reply.reasoning))
+                cache.reasoning.remember(messages, "".join(reply.content_sent), reply.calls, "".join(reply.reasoning))
         source = cache.source_of(prompt) if cache is not None and prompt else None
         cached = max(getattr(ctx, "prompt_cache_count", 0) or 0, 0)
         memory, disk = (source.memory, source.disk) if source is not None else (cached, 0)
