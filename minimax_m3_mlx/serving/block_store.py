@@ -38,7 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..io.dtypes import DTYPES, tag_of
-from ..io.reader import CheckpointError, read_header
+from ..io.reader import CheckpointError, StoredTensor, file_tensors
 from ..io.writer import encode_header, length_prefix
 
 FORMAT = "minimax-m3-mlx prompt-cache block v1"
@@ -253,40 +253,36 @@ class BlockStore:
 
     def _open(self, i: int, h: str, tokens) -> List[List[Tuple[str, tuple]]]:
         """Block i's layout ([(tag, shape)] per layer), after checking its header."""
-        header, _ = self._check_header(self.path(i, h), i, h, tokens)
-        return _layout(header)
+        return _layout(self._check_header(self.path(i, h), i, h, tokens)[1])
 
     def _check_header(self, path: Path, i: int, h: str, tokens):
-        header, start = read_header(path)
-        meta = header.get("__metadata__") or {}
+        meta, tensors = file_tensors(path)
         b0, b1 = i * self.block_tokens, (i + 1) * self.block_tokens
         want = {"format": FORMAT, "store": self.key, "chain": h, "index": str(i),
                 "tokens": ",".join(map(str, tokens[b0:b1]))}
         for k, v in want.items():
             if meta.get(k) != v:
                 raise ValueError(f"{path.name}: {k} does not match this store")
-        return header, start
+        return meta, tensors
 
     def _read_block(self, i: int, h: str, tokens, dest) -> None:
         path = self.path(i, h)
-        header, start = self._check_header(path, i, h, tokens)
-        layout = _layout(header)
-        if [[(t, s) for t, s in layer] for layer in layout] != [
-                [(tag_np(d), (*d.shape[:2], self.block_tokens, *d.shape[3:])) for d in layer] for layer in dest]:
+        meta, tensors = self._check_header(path, i, h, tokens)
+        if _layout(tensors) != [[(tag_np(d), (*d.shape[:2], self.block_tokens, *d.shape[3:])) for d in layer]
+                                for layer in dest]:
             raise ValueError(f"{path.name}: its tensors do not fit this model's caches")
         b0, b1, crc = i * self.block_tokens, (i + 1) * self.block_tokens, 0
         with open(path, "rb") as f:
             for layer, parts in enumerate(dest):
                 for j, d in enumerate(parts):
-                    e = header[f"{layer}.{j}"]
-                    n = e["data_offsets"][1] - e["data_offsets"][0]
-                    buf = np.empty(n, np.uint8)
-                    f.seek(start + e["data_offsets"][0])
-                    if f.readinto(memoryview(buf)) != n:
+                    t = tensors[f"{layer}.{j}"]
+                    buf = np.empty(t.nbytes, np.uint8)
+                    f.seek(t.offset)
+                    if f.readinto(memoryview(buf)) != t.nbytes:
                         raise ValueError(f"{path.name}: truncated")
                     crc = zlib.crc32(buf, crc)
-                    d[..., b0:b1, :] = buf.view(d.dtype).reshape(e["shape"])
-        if str(crc) != header["__metadata__"].get("crc32"):
+                    d[..., b0:b1, :] = buf.view(d.dtype).reshape(t.shape)
+        if str(crc) != meta.get("crc32"):
             raise ValueError(f"{path.name}: checksum mismatch (corrupt)")
         self.bytes_read += path.stat().st_size
         now = time.time()
@@ -307,12 +303,11 @@ def tag_np(arr: np.ndarray) -> str:
             np.dtype(np.uint32): "U32", np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32"}[arr.dtype]
 
 
-def _layout(header: dict) -> List[List[Tuple[str, tuple]]]:
-    names = [k for k in header if k != "__metadata__"]
+def _layout(tensors: Dict[str, StoredTensor]) -> List[List[Tuple[str, tuple]]]:
     layers: Dict[int, Dict[int, Tuple[str, tuple]]] = {}
-    for k in names:
-        layer, _, part = k.partition(".")
-        layers.setdefault(int(layer), {})[int(part)] = (header[k]["dtype"], tuple(header[k]["shape"]))
+    for name, t in tensors.items():
+        layer, _, part = name.partition(".")
+        layers.setdefault(int(layer), {})[int(part)] = (t.tag, tuple(t.shape))
     if sorted(layers) != list(range(len(layers))):
         raise ValueError("layers missing from the block")
     return [[parts[j] for j in sorted(parts)] for _, parts in sorted(layers.items())]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class FetchSource:
 
     memory: int = 0
     disk: int = 0
+    disk_bytes: int = 0  # read to restore them
+    disk_seconds: float = 0.0
 
 
 def _package_version() -> str:
@@ -115,10 +118,13 @@ class TieredPromptCache(LRUPromptCache):
         cache, rest = super().fetch_nearest_cache(model_key, tokens)
         source = FetchSource(memory=len(tokens) - len(rest))
         if self.store is not None:
+            t0, read0 = time.perf_counter(), self.store.bytes_read
             restored = self._from_disk(tokens, source.memory)
             if restored is not None:
                 cache, n = restored
-                rest, source = tokens[n:], FetchSource(disk=n)
+                rest = tokens[n:]
+                source = FetchSource(disk=n, disk_bytes=self.store.bytes_read - read0,
+                                     disk_seconds=time.perf_counter() - t0)
         if cache is None and self.kv_bits is not None and self.make_cache is not None:
             # mlx-lm's server would make plain caches and quantize them later, one request at a time.
             cache = self.make_cache()

@@ -96,6 +96,8 @@ class SessionHandling:
         now, first = time.perf_counter(), self._t_first
         prefill = f"{computed / (first - self._t_start):.1f}" if first and first > self._t_start else "-"
         decode = f"{(self._n_tokens - 1) / (now - first):.1f}" if first and self._n_tokens > 1 and now > first else "-"
-        logging.info(f"request: {len(prompt)} prompt tokens ({memory} from memory, {disk} from disk, "
+        read = (f" ({source.disk_bytes / 1e6:.1f} MB read in {source.disk_seconds:.2f} s)"
+                if source is not None and source.disk else "")
+        logging.info(f"request: {len(prompt)} prompt tokens ({memory} from memory, {disk} from disk{read}, "
                      f"{computed} computed), prefill {prefill} tok/s; {self._n_tokens} tokens at {decode} tok/s; "
                      f"finish {finish_reason}")
