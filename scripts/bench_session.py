@@ -26,8 +26,8 @@ dropped). It checks the targets:
   full prefill.
 
 With no `--model`, it writes a tiny random bf16 model whose context is long enough (the
-test model's widths, sparse blocks of 64 x top-16 as the real model's 128 x 16, 64K
-positions). `--model FOLDER` runs any folder (a real-width one on a GPU or a Mac).
+real model's KV and index heads per layer on the test model's other widths, sparse blocks
+of 64 x top-16 as the real model's 128 x 16, 64K positions). `--model FOLDER` runs any folder (a real-width one on a GPU or a Mac).
 
     python scripts/bench_session.py --json benchmarks/session_cpu.json
 """
@@ -58,8 +58,12 @@ BLOCK = 256
 
 
 def long_context_model(folder: Path, positions: int) -> Path:
-    config = synthetic.tiny_config({"max_position_embeddings": positions,
-                                    "sparse_attention_config": {"sparse_block_size": 64, "sparse_topk_blocks": 16}})
+    # The real model's KV shape per layer (4 KV heads of 128, one index key of 128) on the
+    # test model's other widths: blocks of a realistic size per layer on disk.
+    config = synthetic.tiny_config({"max_position_embeddings": positions, "num_key_value_heads": 4, "head_dim": 128,
+                                    "rotary_dim": 64,
+                                    "sparse_attention_config": {"sparse_block_size": 64, "sparse_topk_blocks": 16,
+                                                                "sparse_num_index_heads": 4, "sparse_index_dim": 128}})
     weights = {k: synthetic.round_to_dtype(v, "bfloat16") for k, v in synthetic.random_weights(config, seed=3).items()}
     synthetic.write_checkpoint(folder, config, weights, "original", dtype="bfloat16")
     return folder

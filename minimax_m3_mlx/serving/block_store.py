@@ -223,7 +223,7 @@ class BlockStore:
         self.budget.add(size, keep=final)
 
     # -- reading -------------------------------------------------------------------------
-    def read(self, tokens: Sequence[int], n_blocks: int, capacity: int, threads: int = 4):
+    def read(self, tokens: Sequence[int], n_blocks: int, capacity: int, threads: int = 8):
         """The first `n_blocks` blocks of `tokens` as one numpy array per layer and part,
         [..., capacity, :] (tokens past n_blocks * block_tokens are zeros), and how many
         blocks were whole and right: a bad block is removed and ends the prefix there."""
