@@ -271,19 +271,20 @@ class BlockStore:
         if _layout(tensors) != [[(tag_np(d), (*d.shape[:2], self.block_tokens, *d.shape[3:])) for d in layer]
                                 for layer in dest]:
             raise ValueError(f"{path.name}: its tensors do not fit this model's caches")
-        b0, b1, crc = i * self.block_tokens, (i + 1) * self.block_tokens, 0
-        with open(path, "rb") as f:
-            for layer, parts in enumerate(dest):
-                for j, d in enumerate(parts):
-                    t = tensors[f"{layer}.{j}"]
-                    buf = np.empty(t.nbytes, np.uint8)
-                    f.seek(t.offset)
-                    if f.readinto(memoryview(buf)) != t.nbytes:
-                        raise ValueError(f"{path.name}: truncated")
-                    crc = zlib.crc32(buf, crc)
-                    d[..., b0:b1, :] = buf.view(d.dtype).reshape(t.shape)
-        if str(crc) != meta.get("crc32"):
+        b0, b1 = i * self.block_tokens, (i + 1) * self.block_tokens
+        start = min(t.offset for t in tensors.values())
+        size = max(t.offset + t.nbytes for t in tensors.values()) - start
+        data = np.empty(size, np.uint8)  # the whole data section in one read: blocks are large
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            if f.readinto(memoryview(data)) != size:
+                raise ValueError(f"{path.name}: truncated")
+        if str(zlib.crc32(data)) != meta.get("crc32"):
             raise ValueError(f"{path.name}: checksum mismatch (corrupt)")
+        for layer, parts in enumerate(dest):
+            for j, d in enumerate(parts):
+                t = tensors[f"{layer}.{j}"]
+                d[..., b0:b1, :] = data[t.offset - start:t.offset - start + t.nbytes].view(d.dtype).reshape(t.shape)
         self.bytes_read += path.stat().st_size
         now = time.time()
         try:
