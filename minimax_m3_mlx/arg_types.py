@@ -12,6 +12,14 @@ import math
 from mlx_lm.utils import _parse_size
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its refusal on one line, `PROG: error: MESSAGE` (the message
+    names the flag); the usage that argparse prints first is left to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, also=()):
     """An argparse `type` accepting a finite `kind` in [lo, hi] (open ends where asked), or a value in `also`."""
 

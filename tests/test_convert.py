@@ -503,6 +503,17 @@ def test_repo_id_goes_through_snapshot_download(store, tmp_path, monkeypatch):
     load_model(tmp_path / "out")
 
 
+def test_model_file_without_the_package_says_how_to_install_it(monkeypatch):
+    """The hint in a converted folder's model file names a way to install that works (the
+    package is not on PyPI)."""
+    from minimax_m3_mlx.convert import run as conv_run
+
+    monkeypatch.setitem(sys.modules, "minimax_m3_mlx.config", None)  # import fails as without the package
+    with pytest.raises(ImportError) as e:
+        exec(compile(conv_run.MODEL_FILE_TEXT, conv.MODEL_FILE, "exec"), {})
+    assert "pip install -e /path/to/minimax_m3_mlx" in str(e.value) and "not on PyPI" in str(e.value)
+
+
 # -- tokenizer, chat template, mlx_lm.generate ------------------------------------------------------------
 def test_tokenizer_and_chat_template_copied_and_mlx_lm_generate_runs_ours(store, tmp_path):
     from mlx_lm.generate import generate

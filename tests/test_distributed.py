@@ -419,6 +419,21 @@ def test_plan_real_model(capsys):
     assert w == [rep + sh // 2] * 2 and 60e9 < w[0] < 80e9
 
 
+def test_plan_wording(capsys):
+    """The largest context is the fitting layouts' (never "0 tokens" for a cluster that fits),
+    and a layout the rank count rules out is not answered with "a smaller recipe"."""
+    from minimax_m3_mlx.cli import plan
+
+    assert plan.main(["--hosts", "2x128", "--recipe", "mac-256gb"]) == 0
+    out = capsys.readouterr().out
+    contexts = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"largest context with (\w+): about ([\d,]+)", out)}
+    assert set(contexts) == {"tensor", "pipeline"} and min(contexts.values()) > 32768
+    assert " 0 tokens" not in out
+    assert plan.main(["--hosts", "3x192", "--layout", "tensor"]) == 1
+    out = capsys.readouterr().out
+    assert "smaller recipe" not in out and "--layout pipeline takes any number of Macs" in out
+
+
 def test_activation_estimate_bounds_measured(ckpts):
     """The plan's activation figure bounds the measured transient memory of a prefill."""
     model, _ = load_model(ckpts / "f32")

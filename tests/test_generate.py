@@ -251,6 +251,27 @@ def test_scripted_output_is_split_and_tool_calls_parsed(loaded):
     assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]
 
 
+def test_a_tool_block_cut_off_by_max_tokens_holds_no_call(loaded):
+    """As the server: the block cut inside <city>Par comes back as text, with no call."""
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+
+    model, tok = loaded
+    start = "Checking." + TOOL_CALL_START + "\n" + NS_TOKEN + '<invoke name="get_weather">' + NS_TOKEN + "<city>Par"
+    ids = tok.encode(start + "is" + NS_TOKEN + "</city>", add_special_tokens=False)
+    n = len(tok.encode(start, add_special_tokens=False))
+    gen = generate(model, tok, chat_prompt(tok, user("weather?"), thinking="disabled"), max_tokens=n,
+                   logits_processors=[_forcing(ids)], tools=[SMALL_TOOL])
+    assert gen.tokens == ids[:n] and gen.finish_reason == "length"
+    assert gen.tool_calls == [] and len(gen.unparsed_tool_calls) == 1
+    assert gen.text == start and gen.unparsed_tool_calls[0].endswith("<city>Par")
+    # the whole block, closed, is a call
+    whole = tok.encode(start + "is" + NS_TOKEN + "</city>" + NS_TOKEN + "</invoke>\n" + TOOL_CALL_END,
+                       add_special_tokens=False) + [tok.eos_token_id]
+    gen = generate(model, tok, chat_prompt(tok, user("weather?"), thinking="disabled"), max_tokens=len(whole) + 2,
+                   logits_processors=[_forcing(whole)], tools=[SMALL_TOOL])
+    assert gen.tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}] and gen.text == "Checking."
+
+
 def test_only_a_leading_think_end_is_dropped(loaded):
     """The bare </mm:think> an adaptive reply opens with goes; one inside the answer is text."""
     from minimax_m3_mlx.serving.generate import chat_prompt, generate
@@ -337,6 +358,73 @@ def test_chat_cli_commands(ckpt, capsys):
     out = capsys.readouterr().out
     assert "[thinking disabled]" in out and "choose one of enabled, adaptive, disabled" in out
     assert "[conversation reset]" in out and out.count("[prompt: ") == 2
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(ckpt, loaded, capsys, monkeypatch):
+    """Ctrl-C mid-reply: the session goes on from the conversation before that message (the
+    layers the stopped reply reached are trimmed back), and an unknown /command is a hint."""
+    from minimax_m3_mlx.serving import chat, generate as gen_mod
+
+    real, calls = gen_mod.stream_generate, []
+
+    def stopped_on_second_reply(*a, **k):
+        calls.append(1)
+        for i, resp in enumerate(real(*a, **k)):
+            if len(calls) == 2 and i == 3:
+                # mid-step, as a real Ctrl-C lands: one layer has taken a token the others have not
+                cache = k["prompt_cache"]
+                cache[1].update_and_fetch(*(mx.zeros((1, 2, 1, 32)),) * 2)
+                raise KeyboardInterrupt
+            yield resp
+
+    import mlx.core as mx
+
+    monkeypatch.setattr(gen_mod, "stream_generate", stopped_on_second_reply)
+    sessions = []
+    real_session = chat.ChatSession
+
+    class Recorded(real_session):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(chat, "ChatSession", Recorded)
+    lines = iter(["hello", "tell me more", "/thnik enabled", "//slash", "/exit"])
+    assert chat.main(["--model", str(ckpt[0]), "-m", "6", "--thinking", "disabled"],
+                     input_fn=lambda _: next(lines)) == 0
+    out = capsys.readouterr().out
+    assert "[reply stopped; the conversation is as it was before this message]" in out
+    assert "[unknown command /thnik;" in out
+    msgs = sessions[0].messages
+    assert [m["content"] for m in msgs if m["role"] == "user"] == ["hello", "/slash"]
+    model, tok = loaded
+    fresh = gen_mod.generate(model, tok, gen_mod.chat_prompt(tok, msgs[:3], thinking="disabled"), max_tokens=6)
+    assert fresh.text == msgs[3]["content"]
+
+
+def test_prefill_progress(ckpt, loaded, capsys, monkeypatch):
+    """generate() reports each prefill chunk; the CLI shows it as one tqdm line on stderr (tokens,
+    tokens/s), and only for a prefill that takes longer than progress.DELAY_S."""
+    import io
+
+    from minimax_m3_mlx.serving import generate as gen_mod, progress
+
+    model, tok = loaded
+    prompt = gen_mod.chat_prompt(tok, user("word " * 60))
+    calls = []
+    gen_mod.generate(model, tok, prompt, max_tokens=2, prefill_step_size=64, prompt_progress=lambda *a: calls.append(a))
+    n = len(prompt)
+    assert calls[0] == (0, n) and calls[-1] == (n, n) and (64, n) in calls and (128, n) in calls
+    for delay, shown in ((0, True), (3600, False)):
+        out = io.StringIO()
+        bar = progress.PrefillProgress(file=out, delay=delay)
+        for done in (0, 64, 128, n, n):
+            bar(done, n)
+        assert ("prefill" in out.getvalue() and "tok/s" in out.getvalue()) == shown, out.getvalue()
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    assert gen_mod.main(["--model", str(ckpt[0]), "-p", "word " * 60, "-m", "2", "--prefill-step-size", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill" in err and "tok/s" in err
 
 
 def test_prompt_cache_file_is_tied_to_its_model(ckpt, loaded, tmp_path):

@@ -339,6 +339,13 @@ def test_text_only_checkpoints(case, tmp_path):
     assert not model.has_vision
 
 
+def test_synthetic_vision_weights_have_the_reference_names_and_shapes(case):
+    """synthetic.random_vision_weights (the demo's tower) writes what the reference holds."""
+    _, init_vision = build_reference(case.config, case.text)
+    drawn = synthetic.random_vision_weights(case.config, seed=1)
+    assert {k: v.shape for k, v in drawn.items()} == {k: v.shape for k, v in init_vision.items()}
+
+
 def test_vision_names(case):
     """Published and transformers 5.x names map to the same; ours pass through; unknown is an error."""
     orig = {k: mx.array(v) for k, v in synthetic.to_original_names(case.vision).items()}

@@ -119,6 +119,10 @@ def configure_tokenizer(tokenizer: TokenizerWrapper, thinking: Optional[str] = N
     """
     tok = tokenizer if isinstance(tokenizer, MiniMaxM3Tokenizer) else MiniMaxM3Tokenizer.from_wrapper(tokenizer)
     tok.default_thinking_mode = thinking
+    # The model's context is enforced where a prompt meets the model (one clear error, or a
+    # reply cut at the limit); transformers' own length check would only log a warning
+    # line before that error, so it is turned off.
+    tok._tokenizer.model_max_length = NO_LENGTH_LIMIT
     template = tok._tokenizer.chat_template
     if is_m3_template(template):
         enc = tok._tokenizer
@@ -132,6 +136,9 @@ def configure_tokenizer(tokenizer: TokenizerWrapper, thinking: Optional[str] = N
         tok._tool_call_start_tokens, tok._tool_call_end_tokens = ids(TOOL_CALL_START), ids(TOOL_CALL_END)
         tok._tool_parser = parse_tool_call
     return tok
+
+
+NO_LENGTH_LIMIT = int(1e30)  # transformers' own "no limit" (VERY_LARGE_INTEGER)
 
 
 class BareThinkEnd:

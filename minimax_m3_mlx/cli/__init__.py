@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+from .. import __version__
+
 # command -> (module, help). Each module has `main(argv: list[str] | None) -> int | None`.
 COMMANDS = {
     "demo": ("minimax_m3_mlx.cli.demo", "write a tiny MXFP8 checkpoint, load it and generate (no network)"),
@@ -49,11 +51,14 @@ def main(argv=None) -> int:
     verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--verbose"]
     available = {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+    if argv[:1] == ["--version"]:
+        print(f"minimax-m3 {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in available:
         print("usage: minimax-m3 <command> [options] [--verbose]\n\ncommands:")
         for name, (_, help_) in available.items():
             print(f"  {name:<10} {help_}")
-        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error")
+        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error; --version prints the version")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"minimax-m3: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..arg_types import non_negative_float, positive_int
+from ..arg_types import ArgumentParser, non_negative_float, positive_int
 from ..config import ModelArgs
 from ..io.dtypes import DTYPES, FLOAT_TAGS
 from ..convert.recipes import (
@@ -137,6 +137,9 @@ def candidate_layouts(n: int) -> List[Tuple[int, int]]:
 
 def recommend(plans: List[LayoutPlan]) -> Tuple[Optional[LayoutPlan], str]:
     fitting = [p for p in plans if p.fits]
+    if not fitting and all(p.error for p in plans):  # the rank count is the cause, not the memory
+        return None, ("no layout asked for is possible with this many Macs (see above): --layout pipeline "
+                      "takes any number of Macs")
     if not fitting:
         return None, ("does not fit: use a smaller recipe, a shorter context, or more Macs "
                        "(see the per-rank totals above)")
@@ -204,21 +207,23 @@ def format_plans(plans: List[LayoutPlan], hosts_gb: Sequence[float], title: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="minimax-m3 plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", required=True, help="Macs and their memory: 2x192, 4x128 or 192,128 (GB)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--recipe", help=f"conversion recipe: {', '.join(recipe_names())}")
     src.add_argument("--model", help="a converted (or published) checkpoint folder: plan from its headers")
     ap.add_argument("--config", help="config.json of the model (default: the real MiniMax-M3)")
     ap.add_argument("--context", type=positive_int, default=32768, help="tokens of context per sequence (default 32768)")
-    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
     ap.add_argument("--prefill-chunk", type=positive_int, default=2048, help="prefill step size (mlx-lm default 2048)")
     ap.add_argument("--dtype", choices=list(FLOAT_TAGS), help="float dtype (default: config's)")
     ap.add_argument("--reserve-gb", type=non_negative_float, default=8.0,
                     help="memory left to macOS and other programs on each Mac (default 8)")
-    ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all")
+    ap.add_argument("--layout", choices=("all", "tensor", "pipeline", "both"), default="all",
+                    help="the layouts to plan: tensor or pipeline parallel, both, or all (default)")
     ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized cache (as generate/server --kv-bits)")
-    ap.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
+    ap.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                    help="group size of the quantized cache (default 64)")
     ap.add_argument("--index-bits", type=int, choices=(4, 8, 16, 32),
                     help="index keys (default: 8 with --kv-bits, else the config's index_cache_dtype)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
@@ -298,11 +303,26 @@ def main(argv=None) -> int:
     print(format_plans(plans, hosts, title))
     kv, idx = cache_bytes(args, 1 << 20, dtype_bytes=dtype_bytes, **cache_quant)
     print(f"Cache: {(kv + idx) / (1 << 20) / 1024:.1f} KiB per token ({kv / (1 << 20) / 1024:.1f} K/V, "
-          f"{idx / (1 << 20) / 1024:.1f} index keys); largest context on each Mac (one host's whole model):")
-    for h in sorted(set(hosts)):
-        room = (h - a.reserve_gb) * GB - total_weights - activation_bytes(args, a.prefill_chunk, 1, a.batch, dtype_bytes)
-        print(f"  {h:.0f} GB: {max(0, int(room / ((kv + idx) / (1 << 20)))):,} tokens")
+          f"{idx / (1 << 20) / 1024:.1f} index keys, whole model)")
+    for p in plans:
+        if p.fits:
+            n = min(largest_context(p, a.context), args.max_position_embeddings)
+            limit = " (the model's limit)" if n == args.max_position_embeddings else ""
+            print(f"  largest context with {p.name}: about {n:,} tokens per sequence{limit}")
     return _print_recommendation(best, why)
+
+
+def largest_context(plan: LayoutPlan, context: int) -> int:
+    """The context (per sequence, at the plan's batch) the plan's tightest rank has room for:
+    its caches grow with the context, its weights do not, its prefill activations barely
+    (per-block scores: a few hundred bytes per token against the cache's tens of KB)."""
+    most = None
+    for r in plan.ranks:
+        per_token = (r.kv + r.index) / context
+        if per_token:
+            n = int((r.capacity - r.weights - r.activations) / per_token)
+            most = n if most is None else min(most, n)
+    return max(0, most if most is not None else context)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..arg_types import positive_float, positive_int
+from ..arg_types import ArgumentParser, positive_float, positive_int
 from ..io.dtypes import FLOAT_TAGS
 from . import recipes
 from .recipes import PolicyError
@@ -15,7 +15,7 @@ from .run import DEFAULT_SHARD_GB, ConvertError, convert, read_source_config, re
 
 # -- command line -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="minimax-m3 convert",
         description="Convert a released MiniMax-M3 checkpoint (BF16, transformers re-save, MXFP8, FP8) to MLX, "
                     "streaming one expert or row block at a time.")

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import ModelArgs
 from ..io.dtypes import FLOAT_TAGS
 from ..io.reader import weight_files
+from ..loading.checkpoint import tokenizer_problem
 from ..weights.vision_names import VISION_PREFIXES
 from . import recipes
 from .plan import CHUNK_ELEMENTS, Plan, plan_conversion
@@ -52,7 +53,8 @@ try:
     from minimax_m3_mlx.model import Model
 except ImportError as e:  # the weights follow minimax_m3_mlx's names and caches
     raise ImportError(
-        "this model runs on the minimax_m3_mlx package: install it (pip install minimax-m3-mlx) "
+        "this model runs on the minimax_m3_mlx package, which is not on PyPI: install it from its source "
+        "folder (the one holding its pyproject.toml) with `pip install -e /path/to/minimax_m3_mlx`, "
         "in the environment that runs mlx-lm"
     ) from e
 
@@ -223,11 +225,12 @@ def _tokenizer_source(src: Path, tokenizer: Optional[str]) -> Path:
     folder = Path(tokenizer).expanduser() if tokenizer else src
     if tokenizer and not folder.is_dir():
         raise ConvertError(f"--tokenizer {tokenizer}: not a folder")
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    problem = tokenizer_problem(folder)
+    if problem:
         if tokenizer:
-            raise ConvertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-        raise ConvertError(f"{src} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the output "
-                           f"would not load: pass --tokenizer FOLDER, a folder holding the model's tokenizer")
+            raise ConvertError(f"--tokenizer {tokenizer}: {problem}")
+        raise ConvertError(f"{src} has {problem}, so the output would not load: pass --tokenizer FOLDER, "
+                           f"a folder holding the model's tokenizer")
     return folder
 
 

@@ -24,6 +24,9 @@ import numpy as np
 from .dtypes import DTYPES, nbytes
 
 INDEX = "model.safetensors.index.json"
+# The safetensors format's own bound on the header (its MAX_HEADER_SIZE): a length past it
+# is not a header cut short but bytes that were never a safetensors file.
+MAX_HEADER = 100_000_000
 
 
 class CheckpointError(ValueError):
@@ -39,11 +42,16 @@ def read_header(path: Path) -> Tuple[dict, int]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{path}: not a safetensors file (its first 8 bytes give a header of {n} bytes)")
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not isinstance(header, dict) or not all(
+                    isinstance(v, dict) and "data_offsets" in v for k, v in header.items() if k != "__metadata__"):
+                raise ValueError("not a table of tensors")
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:

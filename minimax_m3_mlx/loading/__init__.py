@@ -14,7 +14,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..chat_format.tokenizer import configure_tokenizer
 from ..io import CheckpointError
-from .checkpoint import check_folder, get_model_classes, load_model, resolve_path
+from .checkpoint import check_folder, get_model_classes, load_model, resolve_path, tokenizer_problem
 from .sharded import load_sharded
 
 __all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path", "check_folder"]
@@ -38,8 +38,9 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
     else:
         model, config = load_model(path, lazy=lazy)
     path = resolve_path(path)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    problem = tokenizer_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else eos
     tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos)

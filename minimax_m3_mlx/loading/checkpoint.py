@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import huggingface_hub
 import mlx.core as mx
@@ -51,8 +51,20 @@ def check_folder(path: Path) -> None:
     ModelArgs.from_file(path)
     for f in weight_files(path):
         read_header(f)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    problem = tokenizer_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
+def tokenizer_problem(folder: Path) -> Optional[str]:
+    """What `folder` lacks to build the tokenizer, or None. A tokenizer_config.json without
+    tokenizer.json sends transformers after a slow tokenizer to convert, and its refusal
+    talks of sentencepiece and tiktoken."""
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    if (folder / "tokenizer_config.json").is_file():
+        return "no tokenizer.json (tokenizer_config.json alone does not make the tokenizer)"
+    return "no tokenizer files (tokenizer.json / tokenizer_config.json)"
 
 
 def read_config(path: Path) -> Tuple[dict, ModelArgs]:
@@ -61,15 +73,33 @@ def read_config(path: Path) -> Tuple[dict, ModelArgs]:
     return json.loads((path / "config.json").read_text()), args
 
 
-def quantize_packed(model: nn.Module, packed: set) -> None:
+def quantize_packed(model: nn.Module, packed: set, weights: Dict[str, mx.array]) -> None:
     """Make the modules whose tensors are MX-packed mxfp8 quantised layers (weights stay as read).
 
     mlx-lm's own loader does this only for `quant_method: mxfp8`, not for `fp8` with
     `scale_fmt: ue8m0`, which is the same format.
     """
     if packed:
-        nn.quantize(model, group_size=MX_BLOCK, bits=8, mode="mxfp8",
-                    class_predicate=lambda path, module: path in packed and hasattr(module, "to_quantized"))
+        def predicate(path, module):
+            take = path in packed and hasattr(module, "to_quantized")
+            if take:
+                check_quantized_shape(path, module, weights, MX_BLOCK)
+            return take
+
+        nn.quantize(model, group_size=MX_BLOCK, bits=8, mode="mxfp8", class_predicate=predicate)
+
+
+def check_quantized_shape(path: str, module: nn.Module, weights: Dict[str, mx.array], group_size: int) -> None:
+    """A layer about to be quantised against its stored scales: the float shape config.json
+    gives it must be the one the checkpoint was quantised from. Checked here because MLX's
+    own refusal ("[quantize] The last dimension ...") names neither the layer nor the cause."""
+    scales, weight = weights.get(f"{path}.scales"), getattr(module, "weight", None)
+    if scales is None or weight is None:
+        return
+    stored = tuple(scales.shape[:-1]) + (scales.shape[-1] * group_size,)
+    if stored != tuple(weight.shape):
+        raise CheckpointError(f"{path}: quantised from shape {stored} in the checkpoint, model expects "
+                              f"{tuple(weight.shape)} (config.json does not match the weights)")
 
 
 def apply_mlx_quantization(model: nn.Module, config: dict, weights: Dict[str, mx.array]) -> None:
@@ -79,9 +109,10 @@ def apply_mlx_quantization(model: nn.Module, config: dict, weights: Dict[str, mx
         return
 
     def predicate(path, module):
-        if path in q:
-            return q[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        take = q[path] if path in q else hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        if take:
+            check_quantized_shape(path, module, weights, (take if isinstance(take, dict) else {}).get("group_size", q["group_size"]))
+        return take
 
     nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
                 class_predicate=predicate)
@@ -109,7 +140,7 @@ def prepare_model(config: dict, args: ModelArgs, arrays: Dict[str, mx.array]) ->
     """
     model = Model(replace(args, with_vision=has_vision_tensors(arrays)))
     weights, packed = sanitize(model.args, arrays, vision=model.has_vision)
-    quantize_packed(model, packed)
+    quantize_packed(model, packed, weights)
     apply_mlx_quantization(model, config, weights)
     check_weights(model, weights)
     return model, weights

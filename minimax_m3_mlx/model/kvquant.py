@@ -45,7 +45,9 @@ def check_quantization(bits: int, group_size: int, dims=(), index_bits: Optional
         raise ValueError(f"--kv-group-size {group_size}: choose {', '.join(map(str, GROUP_SIZES))}")
     for name, d in dims:
         if d % group_size:
-            raise ValueError(f"--kv-group-size {group_size} does not divide {name}={d}")
+            fits = [g for g in GROUP_SIZES if all(x % g == 0 for _, x in dims)]
+            hint = f": pass --kv-group-size {' or '.join(map(str, fits))}" if fits else ""
+            raise ValueError(f"--kv-group-size {group_size} does not divide {name}={d}{hint}")
     if index_bits is not None and index_bits not in INDEX_BITS:
         raise ValueError(f"--index-bits {index_bits}: choose {', '.join(map(str, INDEX_BITS))}")
 

@@ -7,7 +7,8 @@ turn: in practice only the new user message is processed. Earlier replies go bac
 the conversation with their reasoning (`reasoning_content`), as the template expects.
 
 Commands: /think enabled|adaptive|disabled (thinking mode for the next turns), /reset
-(forget the conversation), /help, /exit (or Ctrl-D).
+(forget the conversation), /help, /exit (or Ctrl-D). Ctrl-C stops a reply and keeps the
+conversation as it was before that message; `//text` sends a message that begins with `/`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 import mlx.core as mx
 
+from ..arg_types import ArgumentParser
 from .generate import (
     Printer,
     PromptCache,
@@ -28,12 +30,13 @@ from .generate import (
 )
 from ..chat_format.markers import THINKING_MODES
 from ..loading import load
+from .progress import PrefillProgress
 
-HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit"
+HELP = "commands: /think enabled|adaptive|disabled, /reset, /help, /exit; Ctrl-C stops a reply"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimax-m3 chat", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="minimax-m3 chat", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--stats", action="store_true", help="print tokens/s and memory after each reply")
     return parser
@@ -57,14 +60,14 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         # The cache is kept: the system and developer turns stay a shared prefix.
 
-    def ask(self, text: str, on_text=None):
+    def ask(self, text: str, on_text=None, prompt_progress=None):
         """One turn. A message the model cannot take (e.g. past the context limit) raises
         ValueError and leaves the conversation as it was."""
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = chat_prompt(self.tokenizer, messages, thinking=self.thinking)
         gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=self.sampler,
                        prompt_cache=self.cache, prefill_step_size=self.prefill_step_size, on_text=on_text,
-                       **self.cache_options)
+                       prompt_progress=prompt_progress, **self.cache_options)
         self.messages = messages
         reply = {"role": "assistant", "content": gen.text}
         if gen.reasoning:
@@ -83,11 +86,7 @@ def main(argv=None, input_fn=input) -> int:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
     model, tokenizer = load(args.model, thinking=args.thinking)
-    try:
-        apply_cache_args(model, args)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+    apply_cache_args(model, args)
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
                           prefill_step_size=args.prefill_step_size,
@@ -121,11 +120,23 @@ def main(argv=None, input_fn=input) -> int:
                 session.thinking = mode
                 print(f"[thinking {mode}]")
             continue
+        if cmd.startswith("//"):
+            query = cmd[1:]
+        elif cmd.startswith("/"):
+            print(f"[unknown command {cmd.split()[0]}; {HELP}; //text sends a message that begins with /]")
+            continue
+        progress = PrefillProgress()
         try:
-            gen = session.ask(query, on_text=printer)
+            gen = session.ask(query, on_text=printer, prompt_progress=progress)
         except ValueError as e:  # e.g. past the context limit: this message is dropped, the rest kept
             print(f"[error: {e}; the message was not sent]")
             continue
+        except KeyboardInterrupt:  # the session's cache rewinds to the conversation on the next turn
+            printer.stop()
+            print("\n[reply stopped; the conversation is as it was before this message]")
+            continue
+        finally:
+            progress.close()
         printer.finish(gen)
         if gen.context_full:
             print("[the reply stopped at the context limit; /reset starts a new conversation]")

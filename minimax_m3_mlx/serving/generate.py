@@ -35,12 +35,15 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from ..arg_types import non_negative_float, non_negative_int, number, positive_float, positive_int, probability, seed
+from ..arg_types import (ArgumentParser, non_negative_float, non_negative_int, number, positive_float, positive_int,
+                         probability, seed)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
+from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import load, resolve_path
 from ..model.kvquant import GROUP_SIZES, INDEX_BITS, KV_BITS, check_quantization
 from . import multimodal
+from .progress import PrefillProgress
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -86,6 +89,7 @@ class PromptCache:
         prompt = list(prompt)
         if not prompt:
             raise ValueError("empty prompt")
+        self.rewind()
         n = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
@@ -102,6 +106,18 @@ class PromptCache:
         if self.offset != len(self.tokens):
             raise RuntimeError(f"prompt cache holds {self.offset} tokens but records {len(self.tokens)}")
         return prompt[n:]
+
+    def rewind(self) -> None:
+        """Every layer back to the tokens recorded. A reply stopped part-way (Ctrl-C in chat)
+        leaves the layers it reached holding more, and not all the same number."""
+        n = len(self.tokens)
+        if all(c.offset == n for c in self.cache):
+            return
+        if not can_trim_prompt_cache(self.cache) or any(c.offset < n for c in self.cache):
+            self.reset()
+            return
+        for c in self.cache:
+            c.trim(c.offset - n)
 
     def record(self, fed: Sequence[int]) -> None:
         """After generation: the cache now holds the tokens fed (prompt rest + generated), up to its offset."""
@@ -186,15 +202,18 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
              tools: Optional[list] = None, prefill_step_size: int = 2048,
              on_text: Optional[Callable[[str, str], None]] = None,
              input_embeddings: Optional[mx.array] = None, kv_bits: Optional[int] = None,
-             kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> Generation:
+             kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+             prompt_progress: Optional[Callable[[int, int], None]] = None) -> Generation:
     """Generate a reply to `prompt` (token ids); `on_text(state, text)` streams the pieces.
 
     `state` is "reasoning", "normal" (the answer) or "tool" (a tool-call block, markers
-    removed). The reply's tool calls are parsed with the tokenizer's tool parser.
+    removed). The reply's tool calls are parsed with the tokenizer's tool parser; a block
+    cut off by max_tokens holds no call and comes back as text (finish_reason "length").
     `input_embeddings` ([L, hidden], e.g. from multimodal.prepare) replace the prompt's
     embeddings; such a prompt neither reuses nor records a cached prefix, because every
     image's placeholder tokens are the same ids. `kv_bits` quantizes every layer's cache
     (index keys included) once it holds `quantized_kv_start` tokens (mlx-lm's switches).
+    `prompt_progress(done, total)` follows the prefill (mlx-lm's prompt_progress_callback).
     """
     room = reply_room(model, len(prompt))  # before the cache is touched: a refusal changes nothing
     capped = room is not None and (max_tokens < 0 or max_tokens > room)
@@ -207,13 +226,20 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
     else:
         rest = cache.reuse(prompt)
     extra = {} if input_embeddings is None else {"input_embeddings": input_embeddings}
+    if prompt_progress is not None:
+        extra["prompt_progress_callback"] = prompt_progress
     out = Generation(cached_tokens=len(prompt) - len(rest))
     sm_state = make_text_state_machine(tokenizer).make_state(initial_state(tokenizer, prompt))
     bare_think_end = BareThinkEnd.for_reply(tokenizer, sm_state[0])
     pieces: Dict[str, List[str]] = {"normal": [], "reasoning": [], "tool": []}
     tool_text: List[str] = []
     prev_state = sm_state[0]
-    blocks: List[str] = []
+
+    def end_block(closed: bool) -> None:
+        body = "".join(tool_text)
+        tool_text.clear()
+        _take_block(out, body, closed, getattr(tokenizer, "tool_parser", None), tools, pieces["normal"])
+
     for resp in stream_generate(model, tokenizer, rest, max_tokens=max_tokens, sampler=sampler,
                                 logits_processors=logits_processors, prompt_cache=cache.cache,
                                 prefill_step_size=prefill_step_size, kv_bits=kv_bits,
@@ -225,8 +251,7 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
             segments.append((state, flushed))
         for state, text in segments:
             if prev_state == "tool" and state != "tool":
-                blocks.append("".join(tool_text))
-                tool_text.clear()
+                end_block(closed=True)
             if state == "tool":
                 tool_text.append(text)
             elif state in pieces:
@@ -240,28 +265,32 @@ def generate(model, tokenizer, prompt: Sequence[int], *, max_tokens: int = DEFAU
         out.peak_memory = resp.peak_memory
     out.context_full = capped and out.finish_reason == "length"
     if prev_state == "tool" and tool_text:
-        blocks.append("".join(tool_text))
+        end_block(closed=False)  # the reply ended inside the block (max tokens, the context limit)
     if input_embeddings is None:
         cache.record(list(rest) + out.tokens)
-
     out.text, out.reasoning = "".join(pieces["normal"]), "".join(pieces["reasoning"])
-    out.tool_call_text = blocks
-    _parse_tool_calls(out, getattr(tokenizer, "tool_parser", None), tools)
     return out
 
 
-def _parse_tool_calls(out: Generation, parser, tools: Optional[list]) -> None:
-    """out.tool_calls from out.tool_call_text with the tokenizer's parser; blocks it refuses
-    (e.g. cut off mid-call by max tokens) go to out.unparsed_tool_calls."""
+def _take_block(out: Generation, body: str, closed: bool, parser, tools: Optional[list], content: List[str]) -> None:
+    """A tool-call block's calls into out.tool_calls, as the server takes them: a block with
+    a call cut off (by max tokens) holds no call, and a block without a call goes back into
+    the answer as the model wrote it (and into out.unparsed_tool_calls)."""
+    out.tool_call_text.append(body)
     if parser is None:
         return
-    for block in out.tool_call_text:
-        try:
-            parsed = parser(block, tools)
-        except ValueError:
-            out.unparsed_tool_calls.append(block)
-            continue
-        out.tool_calls += parsed if isinstance(parsed, list) else [parsed]
+    try:
+        if not closed and parser is parse_tool_call:
+            calls = parse_tool_calls(body, tools, complete=False)
+        else:
+            parsed = parser(body, tools)
+            calls = parsed if isinstance(parsed, list) else [parsed]
+    except (ValueError, json.JSONDecodeError):
+        calls = []
+    out.tool_calls += calls
+    if not calls:
+        out.unparsed_tool_calls.append(body)
+        content.append(unparsed_block(body, closed))
 
 
 # -- terminal output ----------------------------------------------------------------------------
@@ -290,6 +319,12 @@ class Printer:
             self.state = state
         if state != "tool":  # tool calls are printed whole, once parsed (see finish)
             self.write(text)
+
+    def stop(self) -> None:
+        """A reply cut short: plain text from here on."""
+        if self.state == "reasoning" and self.color and not self.hide_thinking:
+            self.write(RESET)
+        self.state = None
 
     def finish(self, gen: Generation) -> None:
         if self.state == "reasoning" and not self.hide_thinking:
@@ -341,7 +376,7 @@ def add_cache_args(parser: argparse.ArgumentParser, start: bool = True) -> None:
     parser.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=64,
                         help="group size of the cache quantization (default 64)")
     if start:
-        parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+        parser.add_argument("--quantized-kv-start", type=non_negative_int, default=DEFAULT_QUANTIZED_KV_START,
                             help=f"tokens of context before the cache is quantized "
                                  f"(default {DEFAULT_QUANTIZED_KV_START})")
     parser.add_argument("--index-bits", type=int, choices=INDEX_BITS, default=None,
@@ -374,7 +409,7 @@ def make_cli_sampler(args):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimax-m3 generate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="minimax-m3 generate", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="the message ('-' reads stdin)")
     parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
@@ -413,7 +448,7 @@ def main(argv=None) -> int:
     for flag, files in (("--image", args.image), ("--video", args.video)):
         for f in files:
             if not Path(f).is_file():
-                parser.error(f"{flag} {f}: no such file")
+                parser.error(f"{flag} {f}: " + ("a folder, not a file" if Path(f).is_dir() else "no such file"))
     if args.prompt_cache_file:  # checked now, not after a long generation
         f = Path(args.prompt_cache_file)
         if f.is_dir() or not f.parent.is_dir():
@@ -433,11 +468,7 @@ def main(argv=None) -> int:
         else:
             ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
 
-    try:
-        apply_cache_args(model, args)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+    apply_cache_args(model, args)
     cache = PromptCache(model)
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
@@ -445,10 +476,15 @@ def main(argv=None) -> int:
     seed_ranks(group, args.seed)  # after the load, whose module initialisations draw from the random state
     printer = Printer(hide_thinking=args.hide_thinking)
     print("=" * 10)
-    gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
-                   prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
-                   input_embeddings=embeddings, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                   quantized_kv_start=args.quantized_kv_start)
+    progress = PrefillProgress() if group.rank() == 0 else None
+    try:
+        gen = generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampler=make_cli_sampler(args),
+                       prompt_cache=cache, prefill_step_size=args.prefill_step_size, on_text=printer,
+                       input_embeddings=embeddings, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                       quantized_kv_start=args.quantized_kv_start, prompt_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     printer.finish(gen)
     print("=" * 10)
     if not gen.tokens:

@@ -52,8 +52,9 @@ def _processor_classes():
     except (ImportError, RuntimeError) as e:
         raise ImportError(
             "images and video need transformers' MiniMax-M3 processors, which need torchvision, Pillow "
-            "and PyAV: pip install \"minimax-m3-mlx[vision]\" (it pins a torch/torchvision pair that imports "
-            f"together; a CPU-only torch build cannot load PyPI's torchvision) ({type(e).__name__}: {e})"
+            "and PyAV: in the package's source folder, pip install -e \".[vision]\" (it pins a torch/torchvision "
+            f"pair that imports together; a CPU-only torch build cannot load PyPI's torchvision) "
+            f"({type(e).__name__}: {e})"
         ) from None
     return MiniMaxM3VLProcessor, MiniMaxM3VLImageProcessor, MiniMaxM3VLVideoProcessor
 
@@ -84,13 +85,20 @@ def load_processor(model_path, tokenizer=None):
     return Proc(image_processor=image, tokenizer=tokenizer, video_processor=video)
 
 
+def _not_a_file(path) -> str:
+    return "a folder, not a file" if Path(path).is_dir() else "no such file"
+
+
 def _load_image(item):
     if isinstance(item, (str, Path)):
         from transformers.image_utils import load_image
 
-        if not Path(item).exists():
-            raise FileNotFoundError(f"image {item}: no such file")
-        return load_image(str(item))
+        if not Path(item).is_file():
+            raise FileNotFoundError(f"image {item}: {_not_a_file(item)}")
+        try:
+            return load_image(str(item))
+        except Exception as e:  # PIL's UnidentifiedImageError, truncated files, ...
+            raise ValueError(f"image {item}: not an image Pillow can read ({e})") from None
     return item  # PIL image or array: the processor takes them as they are
 
 
@@ -99,9 +107,12 @@ def _load_video(item, fps: float):
     if isinstance(item, (str, Path)):
         from transformers.video_utils import load_video
 
-        if not Path(item).exists():
-            raise FileNotFoundError(f"video {item}: no such file")
-        frames, metadata = load_video(str(item), fps=fps, backend="pyav")
+        if not Path(item).is_file():
+            raise FileNotFoundError(f"video {item}: {_not_a_file(item)}")
+        try:
+            frames, metadata = load_video(str(item), fps=fps, backend="pyav")
+        except Exception as e:  # PyAV's InvalidDataError; transformers' "total_num_frames=0" for no stream
+            raise ValueError(f"video {item}: not a video PyAV can decode ({e})") from None
         if len(frames) == 0:
             raise ValueError(f"video {item}: no frames decoded")
         return frames, metadata

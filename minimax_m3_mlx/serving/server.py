@@ -69,7 +69,8 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from ..arg_types import json_object, non_negative_float, non_negative_int, number, port, positive_int, probability
+from ..arg_types import (ArgumentParser, json_object, non_negative_float, non_negative_int, number, port,
+                         positive_int, probability)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
@@ -464,7 +465,7 @@ class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="minimax-m3 server", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="converted MiniMax-M3 folder (or a cached HF repo id)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8080, help="port (default: 8080; 0 picks a free one)")
@@ -488,7 +489,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most new prompts prefilled together, between decode steps (default: 4)")
     sessions.add_arguments(p)
     add_cache_args(p, start=False)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="how much the server logs (default INFO)")
     return p
 
 

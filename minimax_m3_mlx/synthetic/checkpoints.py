@@ -165,6 +165,43 @@ def random_weights(config: dict, seed: int = 0) -> Dict[str, np.ndarray]:
     return out
 
 
+def vision_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
+    """transformers names and shapes of every vision-tower and projector parameter."""
+    v, H = config["vision_config"], config["text_config"]["hidden_size"]
+    Vh, Vi, P = v["hidden_size"], v["intermediate_size"], config["projector_hidden_size"]
+    m, ps = v["spatial_merge_size"], v["patch_size"]
+    t, p = "model.vision_tower.", "model.multi_modal_projector."
+    shapes = {f"{t}embeddings.proj.weight": (Vh, v["num_channels"], v["temporal_patch_size"], ps, ps),
+              f"{t}pre_layrnorm.weight": (Vh,), f"{t}pre_layrnorm.bias": (Vh,)}
+    for i in range(v["num_hidden_layers"]):
+        L = f"{t}layers.{i}."
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes.update({f"{L}self_attn.{name}.weight": (Vh, Vh), f"{L}self_attn.{name}.bias": (Vh,)})
+        shapes.update({f"{L}mlp.fc1.weight": (Vi, Vh), f"{L}mlp.fc1.bias": (Vi,),
+                       f"{L}mlp.fc2.weight": (Vh, Vi), f"{L}mlp.fc2.bias": (Vh,)})
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes.update({f"{L}{norm}.weight": (Vh,), f"{L}{norm}.bias": (Vh,)})
+    for name, shape in (("linear_1", (P, Vh)), ("linear_2", (H, P)), ("merge_linear_1", (P, H * m * m)),
+                        ("merge_linear_2", (H, P))):
+        shapes.update({f"{p}{name}.weight": shape, f"{p}{name}.bias": shape[:1]})
+    return shapes
+
+
+def random_vision_weights(config: dict, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random float32 vision-tower and projector weights in transformers' names."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in vision_shapes(config).items():
+        if "norm" in name and name.endswith(".weight"):
+            w = 1.0 + rng.normal(0.0, 0.3, shape)  # LayerNorm: scale is w itself
+        elif name.endswith(".bias"):
+            w = rng.normal(0.0, 0.2, shape)
+        else:
+            w = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
 # -- layouts --------------------------------------------------------------------------------------
 def to_original_names(weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """transformers names -> the published checkpoint's names (per-expert w1/w3/w2)."""
