@@ -10,7 +10,8 @@ As the CLI, except that
 - with RANK_LOGS set, each rank writes its output to FOLDER/rank<r>.log and ends it with
   ENDED and the exit code: the test reads every rank's end there, also once the launcher,
   which relays the output, has been interrupted or killed;
-- SIGUSR1 prints every thread's stack (a test that finds a rank hanging asks for it).
+- SIGUSR1 prints every thread's stack (a test that finds a rank hanging asks for it);
+- each rank prints its pid ("rank R pid P"), for a test that kills one.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ if __name__ == "__main__":
                       os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
+    print(f"rank {group.rank()} pid {os.getpid()}", flush=True)  # for a test that kills one rank
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if group.size() > 1 and group.rank() == group.size() - 1:
         mlx_lm.server.ResponseGenerator._tokenize = _failing_tokenize(mlx_lm.server.ResponseGenerator._tokenize)

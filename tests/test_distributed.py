@@ -48,7 +48,8 @@ DECODE = np.random.default_rng(6).integers(0, 256, 8).tolist()
 GEN_PREFILL_STEP = 16  # mlx-lm's generate loop, prefill in 16-token chunks (only caches evaluated)
 
 # checkpoint -> (how plan.recipe_table describes it)
-RECIPE = {"f32": "bf16", "mxfp8": "mxfp8", "affine": None}
+# (None: the converted folder's own 4-bit g32; "folder": what the folder's headers say)
+RECIPE = {"f32": "bf16", "mxfp8": "mxfp8", "affine": None, "mlx-vlm": "folder", "mlx-lm": "folder"}
 
 # Every mode at both process counts, each quantised format sharded at least once by
 # tensor parallelism (4 ranks: affine; 2 ranks: both formats), mlx-lm's generate loop
@@ -64,6 +65,10 @@ CASES = {
         {"name": "shard-loaded-mxfp8", "ck": "mxfp8", "api": "shard"},
         {"name": "pipeline-loaded-f32", "ck": "f32", "api": "pipeline"},
         {"name": "both-refused", "ck": "f32", "mode": "both", "expect_error": True},
+        # folders written by mlx-vlm's and mlx-lm's converters (4-bit g32, 8-bit router;
+        # mlx-vlm's shared expert packed into the routed bank)
+        {"name": "tensor-mlx-vlm", "ck": "mlx-vlm", "mode": "tensor"},
+        {"name": "pipeline-mlx-lm", "ck": "mlx-lm", "mode": "pipeline"},
         {"name": "tensor-vision", "ck": "vision", "mode": "tensor", "vision": True},
         {"name": "pipeline-vision", "ck": "vision", "mode": "pipeline", "vision": True},
     ],
@@ -99,10 +104,24 @@ def ckpts(tmp_path_factory):
     synthetic.write_checkpoint(root / "mxfp8", wide, synthetic.random_weights(wide, 12), "mxfp8", shard_bytes=200_000)
     synthetic.write_checkpoint(root / "wide", wide, synthetic.random_weights(wide, 13), "original")
     _write_affine(root / "wide", root / "affine")
+    _write_community(root, wide)
     kv2 = synthetic.tiny_config()
     synthetic.write_checkpoint(root / "kv2", kv2, synthetic.random_weights(kv2, 14), "original")
     _write_vision(root / "vision")
     return root
+
+
+def _write_community(root: Path, wide: dict):
+    """Folders as mlx-lm's and mlx-vlm's converters write them (`-q --q-bits 4 --q-group-size 32`)."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    src = root / "wide-src"  # the published config's use_sparse_attention: mlx-vlm's port needs it
+    cfg = json.loads(json.dumps(wide))
+    cfg["text_config"]["sparse_attention_config"]["use_sparse_attention"] = True
+    synthetic.write_checkpoint(src, cfg, synthetic.random_weights(cfg, 16), "original")
+    mlx_vlm_convert(str(src), str(root / "mlx-vlm"), quantize=True, q_bits=4, q_group_size=32)
+    mlx_lm_convert(str(src), str(root / "mlx-lm"), quantize=True, q_bits=4, q_group_size=32)
 
 
 def _write_vision(path):
@@ -129,7 +148,7 @@ def single_process(path):
 
 @pytest.fixture(scope="module")
 def reference(ckpts):
-    return {ck: single_process(ckpts / ck) for ck in ("f32", "mxfp8", "affine")}
+    return {ck: single_process(ckpts / ck) for ck in ("f32", "mxfp8", "affine", "mlx-vlm", "mlx-lm")}
 
 
 def launch(n, ckpts, out: Path):
@@ -285,7 +304,9 @@ def test_plan_matches_measured(runs, ckpts, n, case):
     path = ckpts / case["ck"]
     config = json.loads((path / "config.json").read_text())
     args = ModelArgs.from_dict(config)
-    if RECIPE[case["ck"]] is None:  # the converted folder: its own quantization
+    if RECIPE[case["ck"]] == "folder":  # plan --model's table, from the folder's headers
+        table = _full_table(path)
+    elif RECIPE[case["ck"]] is None:  # the converted folder: its own quantization
         from minimax_m3_mlx.convert.recipes import model_layout, output_tensors, uniform_policy
 
         shapes, quantisable = model_layout(config)

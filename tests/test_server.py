@@ -232,7 +232,7 @@ BAD_REQUESTS = [
     (dict(messages=HELLO, max_tokens=0), 400, "max_tokens must be at least 1"),
     (dict(messages=HELLO, temperature="hot"), 400, "temperature must be of type"),
     (dict(messages=HELLO, stop=[3]), 400, "stop must be"),
-    (dict(messages=HELLO, model="/no/such/model"), 404, "not a local folder"),
+    (dict(messages=HELLO, model="/no/such/model"), 404, "is not served here"),
 ]
 
 

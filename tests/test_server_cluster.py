@@ -242,3 +242,44 @@ def test_server_under_mlx_launch(ckpt, alone, mode, tmp_path):
     launcher = (tmp_path / "launch.log").read_text()
     assert "exited with code" not in launcher and "was killed" not in launcher, _logs(tmp_path)
 
+
+
+def test_a_killed_rank_ends_rank_0_with_one_line(ckpt, tmp_path):
+    """A follower killed with SIGKILL mid-reply: rank 0 (whose collectives would wait for it
+    for ever) ends within 60 s, with one line naming the lost rank and no traceback."""
+    from minimax_m3_mlx import load
+
+    path, _ = ckpt
+    no_eos = {str(t): -100.0 for t in load(str(path))[1].eos_token_ids}  # a reply that runs until the kill
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               RANK_LOGS=str(tmp_path))
+    port = free_port_base(1)
+    cmd = [*launch_args(2), str(RANK), "--model", str(path), "--port", str(port), "--thinking", "disabled"]
+    with open(tmp_path / "launch.log", "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=sigint_as_in_a_terminal)
+    stream = None
+    try:
+        _wait_ready(port, proc, tmp_path)
+        stream = _client(port).chat.completions.create(model="default_model", messages=CHATS[0], max_tokens=3000,
+                                                       stream=True, extra_body={"logit_bias": no_eos})
+        next(iter(stream))
+        pids = {r: int(re.search(rf"rank {r} pid (\d+)", (tmp_path / f"rank{r}.log").read_text()).group(1))
+                for r in range(2)}
+        os.kill(pids[1], signal.SIGKILL)
+        end = time.time() + 60
+        while time.time() < end and _running(pids[0]):
+            time.sleep(0.5)
+        assert not _running(pids[0]), f"rank 0 still running 60 s after rank 1 was killed:\n{_logs(tmp_path)}"
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log = "\n".join(line for line in (tmp_path / "rank0.log").read_text().splitlines()
+                    if not line.startswith("[ring]"))  # the ring backend's own complaints about the lost peer
+    assert [line for line in log.splitlines() if "lost rank" in line] == [
+        "minimax-m3 server: error: lost rank 1 (its process ended); the cluster cannot go on without it"], log
+    assert "Traceback" not in log and "terminate called" not in log, log

@@ -126,7 +126,10 @@ REFUSALS = [
     ("prompt-type", "/v1/completions", {"prompt": 7}, 400, "prompt must be a string", "prompt", None),
     ("bad-json", CHAT, b"{not json", 400, "Invalid JSON", None, None),
     ("not-an-object", CHAT, b"[1, 2]", 400, "JSON dictionary", None, None),
-    ("unknown-model", CHAT, {"messages": HELLO, "model": "/no/such/model"}, 404, "not a local folder", None, None),
+    ("unknown-model", CHAT, {"messages": HELLO, "model": "/no/such/model"}, 404, "is not served here", "model",
+     "model_not_found"),
+    ("other-model-name", "/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "this server serves: ", "model",
+     "model_not_found"),
     ("unknown-path", "/v1/nowhere", {}, 404, "Not Found", None, None),
 ]
 

@@ -2,12 +2,14 @@
 
 Every command's errors end here: a mistake prints one line, `minimax-m3 CMD: error: ...`,
 and exits non-zero; `--verbose` (anywhere on the command line) or MINIMAX_M3_VERBOSE=1
-adds the traceback.
+adds the traceback and the package's debug log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -58,14 +60,37 @@ def main(argv=None) -> int:
         print("usage: minimax-m3 <command> [options] [--verbose]\n\ncommands:")
         for name, (_, help_) in available.items():
             print(f"  {name:<10} {help_}")
-        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error; --version prints the version")
+        print(f"\n--verbose (or {VERBOSE_ENV}=1) shows the traceback of an error and the debug log; --version prints the version")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"minimax-m3: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
     prog = f"minimax-m3 {argv[0]}"
+    with _debug_log(verbose):
+        return _run(prog, available[argv[0]][0], argv, verbose)
+
+
+@contextlib.contextmanager
+def _debug_log(on: bool):
+    """With --verbose, the package's debug log (e.g. which checkpoint layout a load found) on
+    stderr for the command's run."""
+    if not on:
+        yield
+        return
+    logger = logging.getLogger("minimax_m3_mlx")
+    level, handler = logger.level, logging.StreamHandler()
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
     try:
-        module = importlib.import_module(available[argv[0]][0])
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(prog: str, module_name: str, argv, verbose: bool) -> int:
+    try:
+        module = importlib.import_module(module_name)
         return module.main(argv[1:]) or 0
     except KeyboardInterrupt:
         if verbose:

@@ -234,7 +234,7 @@ def _source(a) -> Tuple[dict, Dict[str, TensorInfo], str]:
     """(config, tensor table, what it is) from --model's headers, or --config with --recipe."""
     if a.model:
         ck = inspect_checkpoint(a.model)
-        return ck.config, ck.table, f"checkpoint {a.model}"
+        return ck.config, ck.table, f"checkpoint {a.model} ({ck.model.checkpoint_layout})"
     config_path = Path(a.config or REAL_CONFIG)
     try:
         config = json.loads(config_path.read_text())

@@ -22,9 +22,11 @@ import huggingface_hub
 import numpy as np
 
 from ..config import ModelArgs
+from ..io import CheckpointError
 from ..io.dtypes import FLOAT_TAGS
 from ..io.reader import weight_files
 from ..loading.checkpoint import tokenizer_problem
+from ..loading.sharded import inspect_checkpoint
 from ..weights.vision_names import VISION_PREFIXES
 from . import recipes
 from .plan import CHUNK_ELEMENTS, Plan, plan_conversion
@@ -269,8 +271,18 @@ def read_source_config(src: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
     if config.get("quantization"):
-        raise ConvertError(f"{path}: already an MLX-converted model (it has 'quantization'); convert the release")
+        raise ConvertError(f"{src}: {_quantized_folder(src)}; quantizing it again would round every weight twice "
+                           f"(not exact): convert the release, or load this folder as it is "
+                           f"(minimax-m3 server --model {src})")
     return config
+
+
+def _quantized_folder(src: Path) -> str:
+    """What an MLX-quantized source is (its layout and quantization, from its headers)."""
+    try:
+        return f"already quantized, an {inspect_checkpoint(src).model.checkpoint_layout}"
+    except (CheckpointError, ValueError, OSError):
+        return "already an MLX-quantized model (it has 'quantization')"
 
 
 def _note_source(plan: Plan, args: ModelArgs, policy: Optional[Policy], drop_vision: bool, log) -> None:

@@ -10,7 +10,9 @@ is loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -26,7 +28,11 @@ from ..io import CheckpointError
 from ..io.reader import load_arrays, read_header, weight_files
 from ..model import Model
 from ..weights.quant import MX_BLOCK
+from ..weights.layouts import check_known_layout
+from ..weights.mlx_quant import describe, infer_quantization
 from ..weights.sanitize import has_vision_tensors, sanitize
+
+log = logging.getLogger("minimax_m3_mlx")
 
 
 def resolve_path(path_or_repo: str | Path) -> Path:
@@ -48,9 +54,11 @@ def check_folder(path: Path) -> None:
     """What makes a folder unloadable, found from its config and file headers alone (the
     server checks before it listens: the weights load in its generation thread, where a
     failure could only be logged)."""
-    ModelArgs.from_file(path)
+    args = ModelArgs.from_file(path)
+    names = []
     for f in weight_files(path):
-        read_header(f)
+        names += [k for k in read_header(f)[0] if k != "__metadata__"]
+    check_known_layout(args, names)
     problem = tokenizer_problem(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
@@ -102,20 +110,25 @@ def check_quantized_shape(path: str, module: nn.Module, weights: Dict[str, mx.ar
                               f"{tuple(weight.shape)} (config.json does not match the weights)")
 
 
-def apply_mlx_quantization(model: nn.Module, config: dict, weights: Dict[str, mx.array]) -> None:
-    """Quantise the layers of a converted MLX model as its config says (mlx-lm's convention)."""
-    q = config.get("quantization")
-    if not q:
-        return
+def apply_mlx_quantization(model: nn.Module, weights: Dict[str, mx.array]) -> Dict[str, dict]:
+    """Quantise each layer whose tensors (in our names) are MLX-quantized as they were written:
+    the spec of every module is read back from its own tensors (weights/mlx_quant.py), so
+    mixed per-module folders (ours, mlx-lm's, mlx-vlm's, in any mode) need no name mapping
+    of their `quantization` block. Returns {module path: spec}."""
+    specs: Dict[str, dict] = {}
 
     def predicate(path, module):
-        take = q[path] if path in q else hasattr(module, "to_quantized") and f"{path}.scales" in weights
-        if take:
-            check_quantized_shape(path, module, weights, (take if isinstance(take, dict) else {}).get("group_size", q["group_size"]))
-        return take
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
+            return False
+        spec = infer_quantization(path, module["weight"].shape[-1], weights)
+        check_quantized_shape(path, module, weights, spec["group_size"])
+        if spec.pop("global_scale", False) and "global_scale" in inspect.signature(module.to_quantized).parameters:
+            spec["global_scale"] = True  # else the stray tensor is named by check_weights
+        specs[path] = spec
+        return spec
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=predicate)
+    nn.quantize(model, class_predicate=predicate)
+    return specs
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
@@ -138,11 +151,14 @@ def prepare_model(config: dict, args: ModelArgs, arrays: Dict[str, mx.array]) ->
     Built with the vision tower only when the checkpoint holds vision weights; quantised as
     the checkpoint is; checked against the tensors. Nothing is evaluated or loaded here.
     """
+    layout = check_known_layout(args, arrays)
     model = Model(replace(args, with_vision=has_vision_tensors(arrays)))
     weights, packed = sanitize(model.args, arrays, vision=model.has_vision)
     quantize_packed(model, packed, weights)
-    apply_mlx_quantization(model, config, weights)
+    specs = apply_mlx_quantization(model, weights)
     check_weights(model, weights)
+    model.checkpoint_layout = f"{layout}; {describe(specs) if specs else 'mxfp8 source' if packed else 'unquantized'}"
+    log.debug("checkpoint layout: %s", model.checkpoint_layout)
     return model, weights
 
 

@@ -21,7 +21,7 @@ from .cache import SparseKVCache
 from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
 from .collectives import Stages, all_sum
 from .layers import DenseMLP, GemmaRMSNorm
-from .moe import SparseMoeBlock
+from .moe import Router, SparseMoeBlock
 
 
 def _longest(cache) -> int:
@@ -140,6 +140,7 @@ class Model(nn.Module):
         # checkpoint has a tower: the first stage holds it, this stage takes image prompts too.
         self.vision_elsewhere = False
         self.load_stats = None  # set by the per-rank loader (loading/sharded.py): what it read
+        self.checkpoint_layout = None  # set by the loaders: the folder's layout and quantization, in words
         # Index-key bits of the caches make_cache builds (--index-bits; kvquant.INDEX_BITS):
         # 16 / 32 store them in the model dtype / float32; 4 / 8 apply once --kv-bits
         # quantizes the cache. None: index_cache_dtype, and 8 bits once quantized.
@@ -262,7 +263,8 @@ class Model(nn.Module):
         ]
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map any released checkpoint layout onto this model's parameter names (weights/sanitize.py).
+        """Map any released checkpoint layout, or a folder mlx-lm's or mlx-vlm's converter wrote,
+        onto this model's parameter names (weights/sanitize.py).
 
         Names only: the model is not changed. Vision tensors are kept when the model has a
         tower and left out otherwise. MX-packed layers (MXFP8, FP8 with ue8m0 scales) stay
@@ -280,5 +282,6 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self) -> Callable[[str, nn.Module], Any]:
-        # The router is a plain Module (never quantised); everything else follows the recipe.
-        return lambda path, module: hasattr(module, "to_quantized")
+        # The router stays unquantised (routing flips on small weight errors; it is tiny); it
+        # has a to_quantized only to load folders other converters quantized it in.
+        return lambda path, module: hasattr(module, "to_quantized") and not isinstance(module, Router)

@@ -60,7 +60,9 @@ class Router(nn.Module):
         self.top_k = args.num_experts_per_tok
 
     def __call__(self, x: mx.array):
-        logits = x.astype(self.weight.dtype) @ self.weight.T
+        return self.route(x.astype(self.weight.dtype) @ self.weight.T)
+
+    def route(self, logits: mx.array):
         scores = mx.sigmoid(logits.astype(mx.float32))
         biased = scores + self.e_score_correction_bias.astype(mx.float32)
         k = self.top_k
@@ -68,6 +70,32 @@ class Router(nn.Module):
         weights = mx.take_along_axis(scores, inds, axis=-1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
         return inds, weights
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        """For folders whose converter quantized the router (mlx-lm's and mlx-vlm's ports write
+        it 8-bit affine): it then runs as written. This package's recipes never quantize it
+        (Model.quant_predicate leaves Routers out)."""
+        return QuantizedRouter(self, group_size, bits, mode)
+
+
+class QuantizedRouter(Router):
+    """The router over a quantized weight (as nn.QuantizedLinear holds one); same routing."""
+
+    def __init__(self, router: Router, group_size: int, bits: int, mode: str):
+        nn.Module.__init__(self)
+        self.top_k = router.top_k
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, *biases = mx.quantize(router.weight, group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.e_score_correction_bias = router.e_score_correction_bias
+        self.freeze()
+
+    def __call__(self, x: mx.array):
+        logits = mx.quantized_matmul(x.astype(self.scales.dtype) if self.mode == "affine" else x, self["weight"],
+                                     self["scales"], self.get("biases"), transpose=True,
+                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return self.route(logits)
 
 
 class SparseMoeBlock(nn.Module):

@@ -19,7 +19,7 @@ mixin adds to the response generator:
   the reply together and the text is dropped.
 
 A rank that dies (out of memory inside a forward pass, a killed process) is not
-recoverable this way: mlx.launch then stops the other ranks.
+recoverable this way: the others end with a line naming it (liveness.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.server import GenerationContext, _image_parts
 
+from . import liveness
 from .shutdown import block_in_this_thread
 
 STOP = "stop"  # what rank 0 shares instead of a request when it shuts down
@@ -92,6 +93,7 @@ class ClusterFollowing:
         shared = self._share_object(None)
         if shared == STOP:
             self._stop, self._stop_shared = True, True
+            liveness.ending()
             return None
         return None if shared is None else (Queue(), *shared)
 
@@ -99,6 +101,7 @@ class ClusterFollowing:
         if not self._stop_shared:
             self._stop_shared = True
             self._share_object(STOP)
+            liveness.ending()
 
     def _run_generate(self):  # the generation thread
         block_in_this_thread()  # the signals that end the server go to the main thread (shutdown.py)

@@ -518,8 +518,13 @@ def end_together(group) -> None:
 
     mlx-lm's loop leaves its precomputed next step (all-sums included) in flight, and a rank
     that exits first closes sockets its peers still use: MLX's ring backend then logs a line
-    per failed transfer ("[ring] Receiving from socket N failed with errno 9").
+    per failed transfer ("[ring] Receiving from socket N failed with errno 9"). That step
+    runs on mlx-lm's generation stream, which `mx.synchronize()` (the default stream) does
+    not wait for.
     """
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
     mx.synchronize()
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     mx.synchronize()

@@ -59,6 +59,19 @@ def _processor_classes():
     return MiniMaxM3VLProcessor, MiniMaxM3VLImageProcessor, MiniMaxM3VLVideoProcessor
 
 
+def _image_processor(ImageProc, path: Path, sizes: dict):
+    f = path / "preprocessor_config.json"
+    if not f.exists():
+        return ImageProc(**sizes)
+    size = json.loads(f.read_text()).get("size")
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        # mlx-vlm's processor saves the release's unused `size: [672, 672]` as a dict, which
+        # transformers' processor would mix with min/max_pixels and refuse; it drops the list
+        # form for the same reason (min/max_pixels bound the resize), so drop this one too.
+        return ImageProc.from_pretrained(str(path), size=None)
+    return ImageProc.from_pretrained(str(path))
+
+
 def load_processor(model_path, tokenizer=None):
     """transformers' MiniMaxM3VLProcessor for a checkpoint folder.
 
@@ -73,7 +86,7 @@ def load_processor(model_path, tokenizer=None):
     vc = config.get("vision_config") or {}
     sizes = {k: vc[v] for k, v in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
                                    ("merge_size", "spatial_merge_size")) if v in vc}
-    image = ImageProc.from_pretrained(str(path)) if (path / "preprocessor_config.json").exists() else ImageProc(**sizes)
+    image = _image_processor(ImageProc, path, sizes)
     video = (VideoProc.from_pretrained(str(path)) if (path / "video_preprocessor_config.json").exists()
              else VideoProc(**sizes))
     if tokenizer is None:

@@ -19,9 +19,10 @@ and streaming are used as they are); what differs:
   `{"error": {"message", "type", "param", "code"}}` (mlx-lm writes `{"error": msg}`);
 - a reply stops at the context limit with finish_reason "length" (max_tokens is capped
   to the room the prompt leaves);
-- /v1/models lists the served model whether or not a Hugging Face cache exists;
-- chat messages may hold images (`image_url` parts: data or http(s) URLs, as mlx-lm takes
-  them) when the model has a vision tower and the `vision` extra is installed:
+- a request's `model` names the served model or is a 404 (routing.py); /v1/models lists its names;
+- limits on the body, the images and the queue (limits.py);
+- chat messages may hold images (`image_url` parts; where they may come from: media.py)
+  when the model has a vision tower and the `vision` extra is installed:
   transformers' MiniMax-M3 processor expands each (multimodal.ServerImages) and the tower
   fills the placeholders (Model.embed_inputs); under mlx.launch too;
 - concurrent requests are batched by mlx-lm's BatchGenerator (continuous batching: new
@@ -55,8 +56,8 @@ import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import List, Optional
+from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine
@@ -75,13 +76,17 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
-from . import sessions, shutdown as stopping
+from . import liveness, sessions, shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .checks import check_messages, check_stop, check_tools, thinking_from_request
 from .cluster import ClusterError, ClusterFollowing, MediaError
 from .generate import ContextLimitError, add_cache_args, apply_cache_args, check_cache_args, reply_room
 from .http_errors import OpenAIErrorBodies, RequestError
+from .limits import (Admission, RequestLimits, add_arguments as add_limit_arguments, check_image_count,
+                     shorten_log_lines)
+from .media import add_arguments as add_media_arguments, image_parts, inline_images
 from .multimodal import server_images
+from .routing import ServedModels, add_arguments as add_routing_arguments
 
 
 
@@ -89,8 +94,8 @@ from .multimodal import server_images
 class MiniMaxModelProvider(ModelProvider):
     """mlx-lm's model provider with this package's loader and MiniMax-M3's tokenizer setup.
 
-    Besides mlx-lm's "default_model", the served model answers to its path as given, its
-    resolved path (the id /v1/models lists) and its folder name, without a reload.
+    It serves the model it loaded and only that one (routing.py): every name of it maps to
+    the loaded model, and any other name is refused, never loaded.
     """
 
     def __init__(self, cli_args, prompt_cache=None):
@@ -98,8 +103,11 @@ class MiniMaxModelProvider(ModelProvider):
         self.prompt_cache = prompt_cache  # sessions.make_prompt_cache: bound to each model loaded
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
         check_folder(path)
-        for alias in (str(cli_args.model), str(path), str(path.resolve()), path.name):
-            self._model_map.setdefault(alias, cli_args.model)
+        self.served = ServedModels(cli_args.model, cli_args.served_model_name)
+
+    def load(self, model_path, adapter_path=None, draft_model_path=None):
+        self.served.check(model_path)  # mlx-lm would load whatever a request names
+        return super().load("default_model", adapter_path, draft_model_path)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         if adapter_path is not None or draft_model_path is not None:
@@ -167,7 +175,7 @@ class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
 
     def _is_batchable(self, args):
         # mlx-lm also excludes --kv-bits: its caches cannot be batched once quantized; ours
-        # can (_PromptCaches). A seeded request still runs alone, as mlx-lm runs it.
+        # can (prompt_cache.TieredPromptCache). A seeded request still runs alone, as mlx-lm runs it.
         return self.model_provider.is_batchable and args.seed is None
 
     def _run_generate(self):
@@ -297,9 +305,11 @@ class _TrackedGenerator:
             yield r
 
 
-class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
-    """mlx-lm's handler, plus access checks (access.py), request checks, the thinking mode,
-    the context limit, OpenAI-shaped errors and a /v1/models needing no Hugging Face cache."""
+class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, RequestLimits, APIHandler):
+    """mlx-lm's handler, plus access checks (access.py), limits (limits.py), request checks,
+    the served model's names (routing.py), where images may come from (media.py), the
+    thinking mode, the context limit, the session's reasoning, memory check and log line
+    (sessions.py) and OpenAI-shaped errors."""
 
     def setup(self):
         super().setup()
@@ -312,7 +322,7 @@ class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
         elif code == 404 and isinstance(error, MediaError):
             code = 400
         elif code == 400 and isinstance(error, RequestError):
-            code = error.status  # e.g. 503: the request's cache does not fit in memory now
+            code = error.status  # e.g. 404 for a model not served here, 503 for a cache that cannot fit
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
@@ -348,6 +358,7 @@ class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
 
     def _check_request(self) -> None:
         body = self.body
+        self.response_generator.model_provider.served.check(self.requested_model)
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
         if self.stream_options is not None and not isinstance(self.stream_options, dict):
@@ -373,6 +384,8 @@ class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
             if "messages" not in body:
                 raise ValueError("the request has no messages")
             check_messages(body["messages"], self.response_generator.model_provider.processor is not None)
+            check_image_count(len(image_parts(body["messages"])), self.response_generator.cli_args)
+            inline_images(body["messages"], self.response_generator.cli_args)
             check_tools(body.get("tools"))
             self._restore_reasoning(body["messages"])
             ids = self._check_template(body["messages"], body.get("tools") or None)
@@ -402,33 +415,23 @@ class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, APIHandler):
             raise ValueError(f"the chat template refused this conversation: {e}") from None
 
     def handle_models_request(self):
-        """mlx-lm's listing scans the Hugging Face cache and, where there is none, fails
-        after sending 200 (an empty body). Here the served model comes first, always."""
-        args = self.response_generator.cli_args
-        served = Path(args.model).expanduser()
-        ids = [str(served.resolve()) if served.exists() else str(args.model)]
-        try:
-            from huggingface_hub import scan_cache_dir
-
-            for repo in scan_cache_dir().repos:
-                names = {f.file_path.name for ref in repo.refs.values() for f in ref.files}
-                if repo.repo_type == "model" and {"config.json", "tokenizer_config.json"} <= names:
-                    ids.append(repo.repo_id)
-        except Exception:  # no cache folder, or one that cannot be read: the served model alone
-            pass
-        wanted = self.path[len("/v1/models"):].strip("/")
+        """The served model's names (routing.py); mlx-lm lists its Hugging Face cache instead."""
+        served = self.response_generator.model_provider.served
         models = [{"id": i, "object": "model", "created": getattr(self, "created", int(time.time())),
-                   "owned_by": "minimax-m3-mlx"} for i in dict.fromkeys(ids)]
+                   "owned_by": "minimax-m3-mlx"} for i in served.ids]
+        wanted = unquote(self.path[len("/v1/models"):]).strip("/")
+        wanted = "/" + wanted if "/" + wanted in served.ids else wanted  # an absolute path as the id
+        body = {"object": "list", "data": models}
         if wanted:
-            found = [m for m in models if m["id"] == wanted or Path(m["id"]).name == wanted]
-            if not found:
+            try:
+                served.check(wanted)
+            except RequestError as e:
+                self._error = e
                 self._set_completion_headers(404)
                 self.end_headers()
-                self.wfile.write(json.dumps({"error": f"model {wanted!r}: not served here"}).encode())
+                self.wfile.write(json.dumps({"error": str(e)}).encode())
                 return
-            body = found[0]
-        else:
-            body = {"object": "list", "data": models}
+            body = models[0] if wanted not in served.ids else models[served.ids.index(wanted)]
         self._set_completion_headers(200)
         self.end_headers()
         self.wfile.write(json.dumps(body).encode())
@@ -472,6 +475,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--thinking", choices=THINKING_MODES, default="adaptive",
                    help="thinking mode of requests that name none (default: adaptive, the template's own)")
     add_access_arguments(p)
+    add_routing_arguments(p)
+    add_media_arguments(p)
+    add_limit_arguments(p)
     p.add_argument("--parallel", choices=("tensor", "pipeline", "both"), default="tensor",
                    help="under mlx.launch: how the ranks split the model (docs/distributed.md)")
     p.add_argument("--chat-template", default="", help="a chat template to use instead of the model's")
@@ -519,6 +525,7 @@ class Server:
         # --kv-bits its misses are caches quantized from the first token, which batch.
         self.prompt_cache = sessions.make_prompt_cache(self.args)
         self.provider = MiniMaxModelProvider(self.args, self.prompt_cache)
+        liveness.start(mx.distributed.init())  # under mlx.launch: a rank that dies ends the others
         self.response_generator = MiniMaxResponseGenerator(self.provider, self.prompt_cache)
         self.httpd, self.host, self.port, self._thread = None, None, None, None
         try:
@@ -542,8 +549,11 @@ class Server:
             address_family = family
             daemon_threads = True
 
+        class Handler(MiniMaxAPIHandler):
+            admission = Admission(self.args)  # this server's queue bound
+
         try:
-            self.httpd = HTTPServer(address, lambda *a, **kw: MiniMaxAPIHandler(rg, *a, system_fingerprint=fingerprint, **kw))
+            self.httpd = HTTPServer(address, lambda *a, **kw: Handler(rg, *a, system_fingerprint=fingerprint, **kw))
         except OSError as e:
             raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
         self.host, self.port = self.httpd.server_address[:2]
@@ -574,6 +584,7 @@ class Server:
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s")
+    shorten_log_lines()
     stopping.install(mx.distributed.init())  # Ctrl-C, SIGTERM, SIGHUP; under mlx.launch, on every rank
     server = Server(args)
     if server.httpd is not None:

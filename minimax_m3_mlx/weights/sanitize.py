@@ -7,7 +7,11 @@ Layouts:
   fused `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I], fused
   `gate_up_proj.weight` in dense and shared MLPs;
 - MXFP8 / FP8 sources (see quant.py): MX tiles kept packed, 128x128 FP8 dequantised;
-- this package's own names (converted MLX models): passed through unchanged.
+- this package's own names (converted MLX models): passed through unchanged;
+- mlx-lm's and mlx-vlm's ports (see layouts.py): `block_sparse_moe.switch_mlp.*` stacked
+  experts renamed, mlx-vlm's packed shared expert and fused gate/up split out exactly
+  (along the expert axis and the output rows, never a quantized axis); their quantized
+  tensors stay as written (mlx_quant.py reads each module's spec back).
 `mtp.*` tensors are dropped (the reference ignores them); vision tensors are mapped by
 vision_names.py when the model has a tower and left out otherwise. Anything else the
 model does not know is caught by the loader's check, which names the tensor.
@@ -31,7 +35,9 @@ _RENAMES = [
     (re.compile(r"^model\.language_model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
     (re.compile(r"\.block_sparse_moe\.e_score_correction_bias$"), ".mlp.gate.e_score_correction_bias"),
-    (re.compile(r"\.block_sparse_moe\.(gate|shared_experts)\."), r".mlp.\1."),
+    (re.compile(r"\.block_sparse_moe\.(gate|shared_experts|switch_mlp)\."), r".mlp.\1."),
+    # mlx-lm's port reads a dense layer's MLP kept under block_sparse_moe in some exports
+    (re.compile(r"\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\."), r".mlp.\1."),
     (re.compile(r"\.self_attn\.index_(q|k)_(proj|norm)\."), r".self_attn.indexer.\1_\2."),
 ]
 _EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.(weight|scales|biases)$")
@@ -72,6 +78,37 @@ def _stack_experts(weights: Dict[str, mx.array], n_experts: int,
     return out
 
 
+def _split_switch_packed(weights: Dict[str, mx.array], n_experts: int) -> Dict[str, mx.array]:
+    """mlx-vlm's `switch_mlp.gate_up_proj` [E(+1), 2I, H'] and `down_proj` [E+1, H, I']: expert
+    number E is the shared expert (packed in when it has the routed experts' size). Split
+    along the expert axis and gate/up along the output rows: exact for quantized tensors too
+    (packing runs along the input axis). The gate/up halves are strided views: made
+    contiguous once here rather than copied by every gather_qmm. The routed down_proj stays a
+    view of its buffer (no copy), which keeps the shared expert's 1/(E+1) of it alive beside
+    the shared expert's own copy: 0.8% of down_proj's bytes for the real model's 128 experts."""
+    out = {}
+    for k, v in weights.items():
+        m = re.match(r"^(.*\.mlp\.)switch_mlp\.(gate_up_proj|down_proj)\.(weight|scales|biases)$", k)
+        if m is None or (m.group(2) == "down_proj" and v.shape[0] != n_experts + 1):
+            out[k] = v
+            continue
+        base, proj, part = m.groups()
+        if v.shape[0] not in (n_experts, n_experts + 1):
+            raise CheckpointError(f"{k}: {v.shape[0]} experts along axis 0; the config has {n_experts} "
+                                  f"(mlx-vlm packs the shared expert as one more)")
+        routed, shared = v[:n_experts], (v[n_experts] if v.shape[0] > n_experts else None)
+        if proj == "down_proj":
+            out[f"{base}switch_mlp.down_proj.{part}"] = routed
+            out[f"{base}shared_experts.down_proj.{part}"] = mx.contiguous(shared)
+            continue
+        for owner, t in (("switch_mlp", routed), ("shared_experts", shared)):
+            if t is not None:
+                gate, up = mx.split(t, 2, axis=-2)
+                out[f"{base}{owner}.gate_proj.{part}"] = mx.contiguous(gate)
+                out[f"{base}{owner}.up_proj.{part}"] = mx.contiguous(up)
+    return out
+
+
 def _split_fused(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """transformers 5.x fused tensors -> separate gate/up (and SwitchGLU names for experts)."""
     out = {}
@@ -105,6 +142,7 @@ def sanitize_tensors(args: ModelArgs, weights: Dict[str, mx.array],
     weights, mx_packed = unpack_quantized(args, weights)
     weights = {rename(k): v for k, v in weights.items()}
     weights = _stack_experts(weights, args.num_local_experts, experts)
+    weights = _split_switch_packed(weights, args.num_local_experts)
     weights = _split_fused(weights)
     if args.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)

@@ -42,7 +42,8 @@ _RULES: List[Tuple[re.Pattern, str, int]] = [
     (re.compile(r"\.self_attn\.(indexer\.q_proj|index_q_proj)$"), COL, 1),
     (re.compile(r"\.(switch_mlp|shared_experts|mlp)\.(gate|up)_proj$"), COL, 1),
     (re.compile(r"\.experts\.\d+\.(w1|w3)$"), COL, 1),
-    (re.compile(r"\.(experts|shared_experts|mlp)\.gate_up_proj$"), COL, 2),  # fused: per segment
+    # fused: per segment (mlx-vlm's switch_mlp also holds the shared expert as expert E)
+    (re.compile(r"\.(experts|shared_experts|mlp|switch_mlp)\.gate_up_proj$"), COL, 2),
     (re.compile(r"\.(switch_mlp|shared_experts|mlp|experts)\.down_proj$"), ROW, 1),
     (re.compile(r"\.experts\.\d+\.w2$"), ROW, 1),
 ]
