@@ -57,15 +57,17 @@ from minimax_m3_mlx import synthetic  # noqa: E402
 BLOCK = 256
 
 
-def long_context_model(folder: Path, positions: int) -> Path:
+def long_context_model(folder: Path, positions: int, dtype: str = "bfloat16") -> Path:
     # The real model's KV shape per layer (4 KV heads of 128, one index key of 128) on the
     # test model's other widths: blocks of a realistic size per layer on disk.
     config = synthetic.tiny_config({"max_position_embeddings": positions, "num_key_value_heads": 4, "head_dim": 128,
                                     "rotary_dim": 64,
                                     "sparse_attention_config": {"sparse_block_size": 64, "sparse_topk_blocks": 16,
                                                                 "sparse_num_index_heads": 4, "sparse_index_dim": 128}})
-    weights = {k: synthetic.round_to_dtype(v, "bfloat16") for k, v in synthetic.random_weights(config, seed=3).items()}
-    synthetic.write_checkpoint(folder, config, weights, "original", dtype="bfloat16")
+    weights = synthetic.random_weights(config, seed=3)
+    if dtype != "float32":
+        weights = {k: synthetic.round_to_dtype(v, dtype) for k, v in weights.items()}
+    synthetic.write_checkpoint(folder, config, weights, "original", dtype=dtype)
     return folder
 
 
@@ -221,7 +223,7 @@ def restore_speed(log: Path):
 def run(a):
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-session-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = Path(a.model) if a.model else long_context_model(work / "model", a.positions)
+    model = Path(a.model) if a.model else long_context_model(work / "model", a.positions, a.dtype)
     cache_dir = work / "prompt-cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     py = sys.executable
@@ -287,6 +289,9 @@ def main(argv=None):
     p.add_argument("--restart-at", type=int, default=18, help="restart the server before this turn (0-based)")
     p.add_argument("--restart-tokens", type=int, default=34000, help="or before the first prompt this long")
     p.add_argument("--positions", type=int, default=65536, help="context of the default model")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="the default model's dtype (mlx-lm's port runs bf16 MoE layers on the GPU and Metal only: "
+                        "MLX's CPU gather_mm takes float32)")
     p.add_argument("--skip-mlx-lm", action="store_true")
     p.add_argument("--work", help="folder for the model, caches and logs (default: a temporary one)")
     p.add_argument("--json", help="write the rows and figures here")
