@@ -132,6 +132,13 @@ def locate(folder: Path) -> Dict[str, StoredTensor]:
     return out
 
 
+def file_tensors(path: Path) -> Tuple[dict, Dict[str, StoredTensor]]:
+    """One safetensors file's metadata and tensors, checked as `locate` checks them."""
+    header, start = read_header(path)
+    tensors = {name: _stored(path, name, entry, start) for name, entry in header.items() if name != "__metadata__"}
+    return header.get("__metadata__") or {}, tensors
+
+
 def _stored(f: Path, name: str, entry: dict, data_start: int) -> StoredTensor:
     tag, shape = entry.get("dtype"), tuple(int(d) for d in entry.get("shape", ()))
     if tag not in DTYPES:

@@ -13,7 +13,8 @@ from typing import Optional
 
 
 class RequestError(ValueError):
-    """A refused request, with OpenAI's `param` and `code` for its error body."""
+    """A refused request, with OpenAI's `param` and `code` for its error body, and its HTTP
+    status (400 unless the request is fine but cannot be served now, e.g. 503)."""
 
     def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None, status: int = 400):
         super().__init__(message)

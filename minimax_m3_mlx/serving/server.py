@@ -61,7 +61,6 @@ from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine
-from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import (
     APIHandler,
     ModelProvider,
@@ -72,12 +71,12 @@ from mlx_lm.server import (
 from mlx_lm.utils import _parse_size
 
 from ..arg_types import (ArgumentParser, json_object, non_negative_float, non_negative_int, number, port,
-                         positive_int, probability, size)
+                         positive_int, probability)
 from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd, ThinkingModeError
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import check_folder, load, resolve_path
-from . import liveness, shutdown as stopping
+from . import liveness, sessions, shutdown as stopping
 from .access import AccessControl, add_arguments as add_access_arguments, settle as settle_access
 from .checks import check_messages, check_stop, check_tools, thinking_from_request
 from .cluster import ClusterError, ClusterFollowing, MediaError
@@ -101,8 +100,9 @@ class MiniMaxModelProvider(ModelProvider):
     the loaded model, and any other name is refused, never loaded.
     """
 
-    def __init__(self, cli_args):
+    def __init__(self, cli_args, prompt_cache=None):
         super().__init__(cli_args)
+        self.prompt_cache = prompt_cache  # sessions.make_prompt_cache: bound to each model loaded
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
         check_folder(path, cli_args.expert_memory)
         self.served = ServedModels(cli_args.model, cli_args.served_model_name)
@@ -126,6 +126,8 @@ class MiniMaxModelProvider(ModelProvider):
                                 thinking=self.cli_args.thinking, expert_memory=self.cli_args.expert_memory)
 
         apply_cache_args(model, self.cli_args)  # --index-bits on the caches mlx-lm makes
+        if self.prompt_cache is not None:
+            sessions.attach(self.prompt_cache, model, path, self.cli_args, group)
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.model = model
         self.tokenizer = tokenizer
@@ -168,9 +170,14 @@ class MiniMaxResponseGenerator(ClusterFollowing, ResponseGenerator):
             self.loaded.set()
         super()._generate()  # finds the model loaded
 
+    def _log_cache_stats(self):
+        # mlx-lm logs four lines per request; the handler's one line (sessions.py) says more.
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            super()._log_cache_stats()
+
     def _is_batchable(self, args):
         # mlx-lm also excludes --kv-bits: its caches cannot be batched once quantized; ours
-        # can (_PromptCaches). A seeded request still runs alone, as mlx-lm runs it.
+        # can (prompt_cache.TieredPromptCache). A seeded request still runs alone, as mlx-lm runs it.
         return self.model_provider.is_batchable and args.seed is None
 
     def _run_generate(self):
@@ -204,7 +211,9 @@ class _ReplyTracker:
         self.block: Optional[List[str]] = None  # text of the open tool-call block
         self.unsent: List[str] = []  # content the handler has not sent yet, unparsed blocks included
         self.reasoning: List[str] = []
+        self.content_sent: List[str] = []  # what the client got as content
         self.calls: List[dict] = []
+        self.finish_reason: Optional[str] = None
         self.stopped_at_eos = False
         self.cut_off = False  # the reply ended inside a tool-call block
 
@@ -255,6 +264,8 @@ class _ReplyTracker:
             if final and self.block is not None:
                 self.cut_off = True
                 self._end_block(closed=False)
+            if final:
+                self.finish_reason = gen.finish_reason
             changes = {"text": text}
             if gen.finish_reason == "stop" and gen.token in self.eos_ids:
                 self.stopped_at_eos = True
@@ -264,6 +275,7 @@ class _ReplyTracker:
     def take_content(self) -> str:
         out = "".join(self.unsent)
         self.unsent.clear()
+        self.content_sent.append(out)
         return out
 
 
@@ -286,14 +298,20 @@ class _TrackedGenerator:
                                 batched=self._shared._is_batchable(generation_args))
         if ctx.tool_parser is parse_tool_call:
             ctx.tool_parser = tracker.parse_block  # this request's context only
-        self._handler._reply = tracker
-        return ctx, tracker.follow(responses)
+        self._handler._reply, self._handler._ctx = tracker, ctx
+        return ctx, self._counted(tracker.follow(responses))
+
+    def _counted(self, responses):
+        for r in responses:
+            self._handler._session_token()
+            yield r
 
 
-class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
+class MiniMaxAPIHandler(sessions.SessionHandling, AccessControl, RequestLimits, APIHandler):
     """mlx-lm's handler, plus access checks (access.py), limits (limits.py), request checks,
     the served model's names (routing.py), where images may come from (media.py), the
-    thinking mode, the context limit and OpenAI-shaped errors."""
+    thinking mode, the context limit, the session's reasoning, memory check and log line
+    (sessions.py) and OpenAI-shaped errors."""
 
     def setup(self):
         super().setup()
@@ -306,7 +324,7 @@ class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
         elif code == 404 and isinstance(error, MediaError):
             code = 400
         elif code == 400 and isinstance(error, RequestError):
-            code = error.status  # e.g. 404 for a model not served here
+            code = error.status  # e.g. 404 for a model not served here, 503 for a cache that cannot fit
         self._status, self._body_started = code, False
         super().send_response(code, message)
 
@@ -338,6 +356,7 @@ class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
             raise RequestError(str(e), param=param, code="context_length_exceeded") from None
         if room is not None and self.max_tokens > room:
             self.max_tokens = room
+        self._check_memory(prompt_tokens)
 
     def _check_request(self) -> None:
         body = self.body
@@ -370,6 +389,7 @@ class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
             check_image_count(len(image_parts(body["messages"])), self.response_generator.cli_args)
             inline_images(body["messages"], self.response_generator.cli_args)
             check_tools(body.get("tools"))
+            self._restore_reasoning(body["messages"])
             ids = self._check_template(body["messages"], body.get("tools") or None)
             if ids is not None:
                 self._check_context(len(ids), "messages")
@@ -421,13 +441,17 @@ class MiniMaxAPIHandler(AccessControl, RequestLimits, APIHandler):
 
     def handle_completion(self, request, stop_words):
         shared = self.response_generator
-        self.response_generator, self._reply = _TrackedGenerator(shared, self), None
+        self.response_generator, self._reply, self._ctx = _TrackedGenerator(shared, self), None, None
+        self._session_start()
         try:
             super().handle_completion(request, stop_words)
         except (BrokenPipeError, ConnectionResetError):  # the client left mid-reply: no traceback
             logging.info("the client closed the connection before the reply ended")
         finally:
-            self.response_generator, self._reply = shared, None
+            self.response_generator, reply = shared, self._reply
+            if self._ctx is not None:
+                self._session_end(self._ctx, reply, reply.finish_reason if reply is not None else None)
+            self._reply = self._ctx = None
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
         reply = getattr(self, "_reply", None)
@@ -471,9 +495,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="most requests decoded together in one batch (default: 8; 1 serves one at a time)")
     p.add_argument("--prompt-concurrency", type=positive_int, default=4,
                    help="most new prompts prefilled together, between decode steps (default: 4)")
-    p.add_argument("--prompt-cache-size", type=non_negative_int, default=10,
-                   help="most KV caches kept between requests")
-    p.add_argument("--prompt-cache-bytes", type=size, default=None, help="most bytes of KV caches kept (e.g. 8GB)")
+    sessions.add_arguments(p)
     add_cache_args(p, start=False)
     add_expert_memory_arg(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
@@ -493,24 +515,6 @@ def _cli_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-class _PromptCaches(LRUPromptCache):
-    """mlx-lm's LRU prompt cache, whose misses under --kv-bits are caches quantized from the
-    first token (Model.make_cache): they merge into a batch, and mlx-lm's server, which
-    quantizes only after --quantized-kv-start on its one-at-a-time path, batches nothing
-    under --kv-bits."""
-
-    def __init__(self, max_size: int, provider: ModelProvider):
-        super().__init__(max_size)
-        self._provider = provider
-
-    def fetch_nearest_cache(self, model, tokens):
-        cache, rest = super().fetch_nearest_cache(model, tokens)
-        args = self._provider.cli_args
-        if cache is None and args.kv_bits is not None:
-            cache = self._provider.model.make_cache(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
-        return cache, rest
-
-
 class Server:
     """A running server: `serve_forever()` blocks; `shutdown()` stops it from any thread.
     Under mlx.launch only rank 0 listens; the other ranks follow it (cluster.py)."""
@@ -520,9 +524,12 @@ class Server:
         check_cache_args(self.args)  # before the model loads, in the generation thread
         if mx.distributed.init().rank() == 0:  # the rank that listens
             settle_access(self.args)
-        self.provider = MiniMaxModelProvider(self.args)
+        # mlx-lm's prompt cache with a byte bound and a disk tier (prompt_cache.py); under
+        # --kv-bits its misses are caches quantized from the first token, which batch.
+        self.prompt_cache = sessions.make_prompt_cache(self.args)
+        self.provider = MiniMaxModelProvider(self.args, self.prompt_cache)
         liveness.start(mx.distributed.init())  # under mlx.launch: a rank that dies ends the others
-        self.response_generator = MiniMaxResponseGenerator(self.provider, _PromptCaches(self.args.prompt_cache_size, self.provider))
+        self.response_generator = MiniMaxResponseGenerator(self.provider, self.prompt_cache)
         self.httpd, self.host, self.port, self._thread = None, None, None, None
         try:
             if not self.response_generator.follows:
@@ -574,6 +581,7 @@ class Server:
         if self.httpd is not None:
             self.httpd.server_close()
         self.response_generator.stop_and_join()
+        self.prompt_cache.close()  # the blocks still being written reach the disk
 
 
 def main(argv=None) -> int:
