@@ -7,12 +7,11 @@ and streaming are used as they are); what differs:
   the tokenizer gets MiniMax-M3's conventions (chat_format.tokenizer.configure_tokenizer): reasoning
   in `<mm:think>`, tool calls in `]<]minimax[>[<tool_call>` blocks parsed into OpenAI
   `tool_calls` by tool_parser.py;
-- the thinking mode per request, from any of: `chat_template_kwargs.thinking_mode`
-  ("enabled" / "adaptive" / "disabled", the template's variable, as vLLM and SGLang take
-  it), `chat_template_kwargs.enable_thinking` (bool), `thinking: {"type": ...}` (MiniMax's
-  and Anthropic's API), or OpenAI's `reasoning_effort` ("none"/"minimal" -> disabled,
-  "low"/"medium" -> adaptive, "high" -> enabled); else the server's --thinking. The
+- the thinking mode per request, in any of the spellings vLLM, SGLang, MiniMax's and
+  OpenAI's APIs use (checks.thinking_from_request); else the server's --thinking. The
   reasoning comes back as `reasoning` (mlx-lm's field) and `reasoning_content`;
+- the prompt cache is mlx-lm's with a byte bound and a disk tier (prompt_cache.py), the
+  reasoning a client dropped is put back, and each request logs one line (sessions.py);
 - requests are checked before they are queued (checks.py: messages, roles, tools, thinking mode,
   the prompt's length against the context): a malformed one gets 400 with a message, not
   an error from deep inside generation, and every refusal's body has OpenAI's shape,
