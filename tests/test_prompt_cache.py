@@ -223,3 +223,23 @@ def test_reasoning_memory_matches_only_its_own_messages(tmp_path):
     changed = [{"role": "user", "content": "list all files"}, {k: v for k, v in echoed.items() if k != "reasoning_content"}]
     assert mem.restore(changed) == 0 and "reasoning_content" not in changed[1]
     assert message_key(history, "", calls) != message_key(history, "x", calls)
+
+
+def test_readme_snippet_restores_across_instances(ckpt, tmp_path, monkeypatch):
+    """README's TieredPromptCache snippet, as written, twice: the second run (a new cache
+    object on the same folder, as after a restart) finds the first run's blocks on disk."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "TieredPromptCache(" in b]
+    shutil.copytree(ckpt, tmp_path / "MiniMax-M3-mac-256gb")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    snippet = snippet.replace('"Hello"', '"Hello " * 300')  # a prompt of whole blocks
+    first, second = {}, {}
+    exec(compile(snippet, "README.md", "exec"), first)
+    first["prompts"].flush()
+    exec(compile(snippet, "README.md", "exec"), second)
+    assert len(second["prompt"]) - len(second["rest"]) >= BLOCK
+    assert second["prompts"].source_of(second["prompt"]).disk >= BLOCK

@@ -272,19 +272,25 @@ class BlockStore:
                                 for layer in dest]:
             raise ValueError(f"{path.name}: its tensors do not fit this model's caches")
         b0, b1 = i * self.block_tokens, (i + 1) * self.block_tokens
-        start = min(t.offset for t in tensors.values())
-        size = max(t.offset + t.nbytes for t in tensors.values()) - start
-        data = np.empty(size, np.uint8)  # the whole data section in one read: blocks are large
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            if f.readinto(memoryview(data)) != size:
-                raise ValueError(f"{path.name}: truncated")
-        if str(zlib.crc32(data)) != meta.get("crc32"):
-            raise ValueError(f"{path.name}: checksum mismatch (corrupt)")
+        # Read each tensor's rows straight into their place in `dest` (per leading index the
+        # block's rows are one contiguous run there, as in the file): no staging copy.
+        views, expect = [], min(t.offset for t in tensors.values())
         for layer, parts in enumerate(dest):
             for j, d in enumerate(parts):
                 t = tensors[f"{layer}.{j}"]
-                d[..., b0:b1, :] = data[t.offset - start:t.offset - start + t.nbytes].view(d.dtype).reshape(t.shape)
+                if t.offset != expect:
+                    raise ValueError(f"{path.name}: tensors out of order")
+                expect += t.nbytes
+                views += [memoryview(d[lead][b0:b1]).cast("B") for lead in np.ndindex(*d.shape[:2])]
+        crc, start = 0, min(t.offset for t in tensors.values())
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            for v in views:
+                if f.readinto(v) != len(v):
+                    raise ValueError(f"{path.name}: truncated")
+                crc = zlib.crc32(v, crc)
+        if str(crc) != meta.get("crc32"):
+            raise ValueError(f"{path.name}: checksum mismatch (corrupt)")
         self.bytes_read += path.stat().st_size
         now = time.time()
         try:
