@@ -85,9 +85,11 @@ class Terminal:
     def ctrl_c(self):
         os.write(self.master, b"\x03")
 
-    def wait(self, seconds=90) -> int:
+    def wait(self, seconds=180) -> int:
         try:
             return self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:  # say what the server printed, not only that it hung
+            raise AssertionError(f"the server did not end within {seconds} s:\n{self.text()}") from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
