@@ -23,6 +23,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from signals import sigint_as_in_a_terminal
 
 from minimax_m3_mlx import synthetic
 
@@ -51,6 +52,7 @@ class Terminal:
 
         def controlling_tty():  # after setsid (start_new_session): the pty becomes this session's terminal
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            sigint_as_in_a_terminal()  # a shell gives its job the default signals, whatever ran the tests
 
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
