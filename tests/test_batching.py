@@ -294,10 +294,8 @@ def _concurrently(fn, args):
         return list(pool.map(lambda a: fn(*a), args))
 
 
-def test_concurrent_requests_get_what_they_get_alone(client, ckpt, monkeypatch):
-    from minimax_m3_mlx import load
-    from minimax_m3_mlx.serving.generate import chat_prompt, generate
-
+def _batch_widths(monkeypatch) -> list:
+    """The rows of every batched cache write from now on (how wide the batches were)."""
     widest = []
     write = BatchSparseCache.update_and_fetch
 
@@ -306,6 +304,14 @@ def test_concurrent_requests_get_what_they_get_alone(client, ckpt, monkeypatch):
         return write(self, k, v)
 
     monkeypatch.setattr(BatchSparseCache, "update_and_fetch", recording)
+    return widest
+
+
+def test_concurrent_requests_get_what_they_get_alone(client, ckpt, monkeypatch):
+    from minimax_m3_mlx import load
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+
+    widest = _batch_widths(monkeypatch)
     words = "the quick brown fox jumps over a lazy dog".split()
     contents = ["Hi", " ".join(words * 2), " ".join(words * 9), "Tell me a story", " ".join(words * 4), "ok"]
     budgets = [24, 16, 24, 20, 12, 24]
@@ -327,14 +333,7 @@ def test_same_length_requests_at_once_are_batched_and_equal_alone(client, monkey
     scripts/bench_server_batch.py (BENCHMARKS.md), not asserted here."""
     contents = [f"Request number {i} about batching" for i in range(6)]
     alone = [_ask(client, c, 16) for c in contents]
-    widest = []
-    write = BatchSparseCache.update_and_fetch
-
-    def recording(self, k, v):
-        widest.append(k.shape[0])
-        return write(self, k, v)
-
-    monkeypatch.setattr(BatchSparseCache, "update_and_fetch", recording)
+    widest = _batch_widths(monkeypatch)
     together = _concurrently(lambda c: _ask(client, c, 16), [(c,) for c in contents])
     assert max(widest) > 1
     assert together == alone
