@@ -31,7 +31,9 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,10 +48,12 @@ import bench_decode as bd  # noqa: E402
 from minimax_m3_mlx import load_model  # noqa: E402
 from minimax_m3_mlx.config import ModelArgs  # noqa: E402
 from minimax_m3_mlx.io.dtypes import tag_of  # noqa: E402
-from minimax_m3_mlx.io.reader import INDEX, locate  # noqa: E402
+from minimax_m3_mlx.io.reader import INDEX, RangeReader, StoredTensor, locate  # noqa: E402
 from minimax_m3_mlx.io.writer import encode_header, length_prefix, write_safetensors  # noqa: E402
 from minimax_m3_mlx.model import Model  # noqa: E402
-from minimax_m3_mlx.model.experts import EXPERTS  # noqa: E402
+from minimax_m3_mlx.model import experts  # noqa: E402
+from minimax_m3_mlx.model.experts import EXPERTS, PIECE, READ_THREADS  # noqa: E402
+from minimax_m3_mlx.parallel.sizing import cache_bytes  # noqa: E402
 
 VOCAB = 8192
 
@@ -130,48 +134,73 @@ def write_folder(folder: Path, n_layers: int) -> None:
 
 # -- one run (its own process) ------------------------------------------------------------------------------
 def drop_page_cache(files) -> None:
+    """Evict the files' pages (dirty pages cannot be dropped: they are written out first)."""
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-def disk_speeds(stored, probe: int, cached: bool, expert_reads: int = 16):
-    """(sequential GB/s over `probe` bytes, GB/s of expert-sized reads at random experts),
-    uncached unless `cached` (then the page cache's speeds)."""
+def disk_speeds(stored, probe: int, cached: bool, expert_reads: int = 32):
+    """(sequential GB/s over `probe` bytes, GB/s of expert reads at random experts, GB/s of the
+    same reads were each expert one contiguous range), uncached
+    unless `cached` (then the page cache's speeds). The sequential read is one thread of
+    16 MB reads; the expert reads run as the streamer runs them: READ_THREADS threads, each
+    expert's nine tensors in pieces of at most PIECE bytes. Buffers are reused: the probe
+    adds nothing to the peak RSS the runs report."""
     drop = (lambda files: None) if cached else drop_page_cache
     t = max((t for k, t in stored.items() if EXPERTS in k), key=lambda t: t.nbytes)
     drop([t.file])
     fd = os.open(t.file, os.O_RDONLY)
     try:
-        n = min(probe, t.nbytes)
-        buf = bytearray(n)
+        n, buf, done = min(probe, t.nbytes), bytearray(16 << 20), 0
         t0 = time.perf_counter()
-        os.preadv(fd, [buf], t.offset)
-        seq = n / (time.perf_counter() - t0) / 1e9
-        experts = [v for k, v in stored.items() if EXPERTS in k and ".layers.0." not in k]
-        rng = np.random.default_rng(1)
-        drop({v.file for v in experts})
-        total, t0 = 0, time.perf_counter()
-        for e in rng.choice(experts[0].shape[0], expert_reads, replace=False):
-            for v in experts[:9]:  # one layer's nine tensors: one expert
-                b = bytearray(v.row_nbytes)
-                total += os.preadv(fd if v.file == t.file else _fd(v.file), [b], v.offset + int(e) * v.row_nbytes)
-        rand = total / (time.perf_counter() - t0) / 1e9
+        while done < n:
+            done += os.preadv(fd, [buf], t.offset + done)
+        seq = done / (time.perf_counter() - t0) / 1e9
     finally:
         os.close(fd)
-    return seq, rand
+    experts = [v for k, v in stored.items() if EXPERTS in k and ".layers.0." in k]
+    drop({v.file for v in experts})
+    reader = RangeReader()
+    pieces = [(v, (int(e), int(e) + 1)) for e in np.random.default_rng(1).choice(experts[0].shape[0], expert_reads,
+                                                                                  replace=False) for v in experts]
+    local, widest = threading.local(), max(v.row_nbytes for v in experts)
 
+    def read(piece):
+        if not hasattr(local, "buf"):
+            local.buf = np.empty(widest, np.uint8)
+        reader.read_rows_into(piece[0], piece[1], local.buf[:piece[0].row_nbytes])
 
-_FDS = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        list(pool.map(read, pieces))
+    rand = reader.bytes_read / (time.perf_counter() - t0) / 1e9
 
+    # The same bytes as if `convert` wrote each expert as one contiguous range (expert-major):
+    # expert-sized ranges at random places of the largest tensor, in pieces of PIECE bytes.
+    per_expert = sum(v.row_nbytes for v in experts)
+    big = max(experts, key=lambda v: v.nbytes)
+    drop([big.file])
+    starts = np.random.default_rng(2).choice(big.nbytes // per_expert, min(expert_reads, big.nbytes // per_expert),
+                                             replace=False) * per_expert
+    spans = [(int(o) + a, min(per_expert - a, PIECE)) for o in starts for a in range(0, per_expert, PIECE)]
 
-def _fd(path):
-    if path not in _FDS:
-        _FDS[path] = os.open(path, os.O_RDONLY)
-    return _FDS[path]
+    def read_span(span):
+        if getattr(local, "buf", None) is None or local.buf.nbytes < PIECE:
+            local.buf = np.empty(PIECE, np.uint8)
+        part = StoredTensor(big.name, big.file, "U8", (span[1],), big.offset + span[0], span[1])
+        reader.read_rows_into(part, (0, span[1]), local.buf[:span[1]])
+
+    before, t0 = reader.bytes_read, time.perf_counter()
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        list(pool.map(read_span, spans))
+    major = (reader.bytes_read - before) / (time.perf_counter() - t0) / 1e9
+    reader.close()
+    return seq, rand, major
 
 
 def random_routers(model, seed: int = 3) -> None:
@@ -202,9 +231,12 @@ def one_run(a) -> dict:
     folder = Path(a.folder)
     stored = locate(folder)
     bank = sum(t.nbytes for k, t in stored.items() if EXPERTS in k)
-    seq, rand = disk_speeds(stored, a.disk_probe, a.page_cache)
+    seq, rand, major = disk_speeds(stored, a.disk_probe, a.page_cache)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # python, mlx, numpy: before any weight
     if not a.page_cache:
         drop_page_cache({t.file for t in stored.values()})
+    if a.path != "auto":  # the direct path where the backend allows it, else copies; or as asked
+        experts.writes_in_place = lambda: a.path == "direct"
     model, _ = load_model(folder, expert_memory=max(1, int(bank * a.fraction)))
     streamer = model.expert_streamer
     streamer.reader.drop_page_cache = not a.page_cache  # bench only: every miss comes from the disk
@@ -212,8 +244,9 @@ def one_run(a) -> dict:
     if a.routing == "zipf":
         zipf_bias(model)
     rng = np.random.default_rng(2)
-    out = dict(fraction=a.fraction, routing=a.routing, slots=streamer.n_slots, bank_gb=bank / 1e9,
-               disk_seq_gbs=seq, disk_expert_gbs=rand)
+    path = "direct" if isinstance(streamer.layers[0], experts.DirectLayerExperts) else "copies"
+    out = dict(fraction=a.fraction, routing=a.routing, path=path, slots=streamer.n_slots, bank_gb=bank / 1e9,
+               disk_seq_gbs=seq, disk_expert_gbs=rand, disk_expert_major_gbs=major)
     cache = model.make_cache()
     mx.eval(model(mx.array(rng.integers(0, VOCAB, (1, 16))), cache=cache))
     streamer.stats.reset()
@@ -239,25 +272,32 @@ def one_run(a) -> dict:
         out.update(prefill_tok_s=a.chunk / dt, prefill_gb=s.bytes_read / 1e9, prefill_read_gbs=s.bytes_read / dt / 1e9,
                    prefill_rounds=s.rounds, prefill_misses=s.misses)
     nonexpert = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
-    out.update(peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-               nonexpert_gb=nonexpert / 1e9, expert_memory_gb=streamer.n_slots * len(streamer.layers)
-               * streamer.layers[0].expert_nbytes / 1e9)
+    kv = sum(cache_bytes(model.args, max(16 + a.decode, a.chunk)))
+    pools = streamer.n_slots * len(streamer.layers) * streamer.layers[0].expert_nbytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.update(peak_rss_gb=peak / 1e9, base_rss_gb=base_rss / 1e9, nonexpert_gb=nonexpert / 1e9,
+               expert_memory_gb=pools / 1e9, kv_gb=kv / 1e9, peak_staged_gb=s.peak_staged_bytes / 1e9,
+               # the issue's bound, over what the process holds beyond the interpreter and libraries
+               rss_vs_target=(peak - base_rss) / (1.1 * (nonexpert + pools + kv)))
     streamer.close()
     return out
 
 
 # -- the table ---------------------------------------------------------------------------------------------
 def table(rows) -> str:
-    head = ("| routing | memory | slots | hits/tok | misses/tok | GB/tok | decode tok/s | disk-bound tok/s | "
-            "ratio | prefill tok/s | prefill GB/s | disk seq / expert GB/s | peak RSS GB (weights + experts) |")
+    head = ("| routing | path | memory | slots | hits/tok | misses/tok | GB/tok | decode tok/s | disk-bound tok/s | "
+            "ratio | prefill tok/s | prefill GB/s | disk seq / expert / expert-major GB/s | peak RSS GB (base + weights + experts + KV) | "
+            "RSS / target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['routing']} | {r['fraction']:.0%} | {r['slots']} | {r['hits_per_tok']:.1f} | "
+            f"| {r['routing']} | {r['path']} | {r['fraction']:.0%} | {r['slots']} | {r['hits_per_tok']:.1f} | "
             f"{r['misses_per_tok']:.1f} | {r['gb_per_tok']:.3f} | {r['decode_tok_s']:.2f} | "
             f"{r['predicted_tok_s']:.2f} | {r['vs_predicted']:.0%} | {r.get('prefill_tok_s', 0):.1f} | "
-            f"{r.get('prefill_read_gbs', 0):.2f} | {r['disk_seq_gbs']:.2f} / {r['disk_expert_gbs']:.2f} | "
-            f"{r['peak_rss_gb']:.2f} ({r['nonexpert_gb']:.2f} + {r['expert_memory_gb']:.2f}) |")
+            f"{r.get('prefill_read_gbs', 0):.2f} | {r['disk_seq_gbs']:.2f} / {r['disk_expert_gbs']:.2f} / "
+            f"{r.get('disk_expert_major_gbs', 0):.2f} | "
+            f"{r['peak_rss_gb']:.2f} ({r['base_rss_gb']:.2f} + {r['nonexpert_gb']:.2f} + {r['expert_memory_gb']:.2f} + "
+            f"{r['kv_gb']:.2f}) | {r['rss_vs_target']:.2f} |")
     return "\n".join(lines)
 
 
@@ -273,9 +313,12 @@ def main(argv=None) -> int:
     p.add_argument("--page-cache", action="store_true",
                    help="read through the page cache (the bank read once first): the streaming's own cost, "
                         "without the disk")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds a budget's run may take")
     p.add_argument("--json", default=None)
     p.add_argument("--clean", action="store_true", help="delete the folder afterwards")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=["auto", "direct", "copies"], default="auto",
+                   help="how misses reach the pool: straight into it (where the backend allows), or copied")
     p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
     p.add_argument("--routing", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -296,9 +339,14 @@ def main(argv=None) -> int:
         for routing in a.routings.split(","):
             for f in a.fractions.split(","):
                 cmd = [sys.executable, __file__, "--one", "--folder", str(folder), "--fraction", f, "--routing",
-                       routing, "--decode", str(a.decode), "--chunk", str(a.chunk), "--disk-probe", str(a.disk_probe)]
+                       routing, "--decode", str(a.decode), "--chunk", str(a.chunk), "--disk-probe", str(a.disk_probe),
+                       "--path", a.path]
                 cmd += ["--page-cache"] if a.page_cache else []
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                try:
+                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{routing} {f}: no result within {a.run_timeout} s", flush=True)
+                    continue
                 line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
                 if res.returncode or not line:
                     print(res.stdout[-2000:], res.stderr[-3000:], file=sys.stderr)

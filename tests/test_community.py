@@ -399,3 +399,21 @@ def test_generate_from_community_folders(sources, made, tmp_path, capsys):
         assert "Generation: 3 tokens" in out, out
         prompt_tokens.append(int(out.split("Prompt: ")[1].split(" tokens")[0]))
     assert prompt_tokens[1] > prompt_tokens[0]  # the image's placeholder tokens
+
+
+def test_mlx_lm_folder_streams_its_experts(sources, made, tokens):
+    """--expert-memory on a folder mlx-lm's converter wrote (its experts stacked as ours, under
+    `block_sparse_moe.switch_mlp`): a pool of a few experts gives the resident logits. An
+    mlx-vlm folder (gate and up fused with the shared expert) is refused in one line."""
+    from minimax_m3_mlx.io.reader import locate
+    from minimax_m3_mlx.model.experts import ExpertMemoryError
+
+    path = mlx_lm_folder(made, sources, "mixed_3_6")  # experts of two bit widths
+    want = np.array(load_model(path)[0](mx.array(tokens)))
+    layer_bytes = sum(t.row_nbytes for k, t in locate(path).items() if ".switch_mlp." in k)
+    model, _ = load_model(path, expert_memory=3 * layer_bytes)
+    got = np.array(model(mx.array(tokens)))
+    assert model.expert_streamer.n_slots == 3 and model.expert_streamer.stats.misses > 0
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
+    with pytest.raises(ExpertMemoryError, match="mlx-vlm's converter"):
+        load_model(mlx_vlm_folder(made, sources, "q4"), expert_memory=10**9)

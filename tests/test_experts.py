@@ -68,10 +68,20 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture(params=["direct", "copies"])
+def path(request, monkeypatch):
+    """Both ways a miss gets into the pool: read straight into the slot's memory (where the
+    backend allows it, as MLX's CPU does), or read into buffers and copied (elsewhere)."""
+    from minimax_m3_mlx.model import experts
+
+    monkeypatch.setattr(experts, "writes_in_place", lambda: request.param == "direct")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype, slots, kv_bits", [
     ("float32", 2, None), ("float32", 5, None), ("float32", 16, None), ("float32", 3, 8), ("bfloat16", 2, None),
 ])
-def test_streamed_logits_equal_resident(folders, tokens, dtype, slots, kv_bits):
+def test_streamed_logits_equal_resident(folders, tokens, dtype, slots, kv_bits, path):
     folder = folders[dtype]
     resident, _ = load_model(folder)
     want = run_all(resident, tokens, kv_bits)
@@ -80,15 +90,72 @@ def test_streamed_logits_equal_resident(folders, tokens, dtype, slots, kv_bits):
     assert model.expert_streamer.n_slots == slots
     got = run_all(model, tokens, kv_bits)
     assert rel(got, want) < 1e-6, rel(got, want)
-    assert stats.misses > 0 and stats.bytes_read == stats.misses * slot_bytes(folder) // 3
+    layers = model.expert_streamer.layers
+    assert stats.misses > 0 and stats.bytes_read == stats.reads * layers[0].expert_nbytes
     if slots < EXPERTS_PER_LAYER:
         assert stats.hits > 0 and stats.rounds > 0  # evictions, and steps in rounds
-    else:
-        resident = sum(int((layer.slot_of >= 0).sum()) for layer in model.expert_streamer.layers)
-        assert stats.misses == resident  # each expert read once, never evicted
+    else:  # each expert read once and never evicted; the copy path drops the guesses no step used
+        resident = sum(int((layer.slot_of >= 0).sum()) for layer in layers)
+        assert stats.reads - (stats.guessed_unused if path == "copies" else 0) == resident
 
 
-def test_batched_decode_equals_resident(folders):
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_copies_in_pieces_and_small_batches_equal_resident(folders, tokens, monkeypatch, share):
+    """The copy path with pieces of one row, and the tightest read-ahead (share 0: one token's
+    top-k experts of a layer; misses are committed a batch at a time) or a wide one (runs
+    of several experts, each read row by row). The read buffers outside the pools never
+    exceed the read-ahead and one more run; none are left when a step ends."""
+    from minimax_m3_mlx.model import expert_copies, experts
+
+    folder = folders["float32"]
+    want = run_all(load_model(folder)[0], tokens)
+    monkeypatch.setattr(experts, "writes_in_place", lambda: False)
+    monkeypatch.setattr(experts, "PIECE", 1)
+    monkeypatch.setattr(experts, "READ_AHEAD_SHARE", share)
+    made = []
+    init = expert_copies.RunRead.__init__
+    monkeypatch.setattr(expert_copies.RunRead, "__init__", lambda self, *a: (init(self, *a), made.append(self))[0])
+    model, _ = load_model(folder, expert_memory=5 * slot_bytes(folder))
+    streamer = model.expert_streamer
+    per = streamer.layers[0].expert_nbytes
+    assert streamer.read_ahead == (TOP_K * per if share == 0 else 5 * per * len(streamer.layers))
+    got = run_all(model, tokens)
+    assert rel(got, want) < 1e-6, rel(got, want)
+    stats = streamer.stats
+    assert stats.rounds > 0 and stats.misses > 0
+    several = [r for r in made if r.b - r.a > 1]
+    assert bool(several) == (share > 0)
+    assert all(len(r.futures) == (r.b - r.a) * len(streamer.layers[0].tensors) for r in made)  # a read per row
+    assert 0 < stats.peak_staged_bytes <= 1.5 * streamer.read_ahead
+    assert streamer.staged_bytes == 0 and not any(layer.staged for layer in streamer.layers)
+
+
+def test_direct_reads_in_pieces_equal_resident(folders, tokens, monkeypatch):
+    """Reads straight into the slots, each row in pieces of 48 bytes (several threads write
+    one slot), rounds of half the slots with the next round read meanwhile: exact, and no
+    slot is left marked as being written once the reads are done."""
+    from minimax_m3_mlx.model import experts
+
+    folder = folders["float32"]
+    want = run_all(load_model(folder)[0], tokens)
+    monkeypatch.setattr(experts, "writes_in_place", lambda: True)
+    monkeypatch.setattr(experts, "PIECE", 48)
+    model, _ = load_model(folder, expert_memory=4 * slot_bytes(folder))
+    streamer = model.expert_streamer
+    assert all(isinstance(layer, experts.DirectLayerExperts) for layer in streamer.layers)
+    assert max(t.row_nbytes for t in streamer.layers[0].tensors.values()) > 3 * 48
+    got = run_all(model, tokens)
+    assert rel(got, want) < 1e-6, rel(got, want)
+    assert streamer.stats.rounds > 0 and streamer.stats.prefetched > 0
+    streamer.executor.shutdown(wait=True)
+    for layer in streamer.layers:
+        layer.drop_staged()
+        assert not layer.staged and not (layer.expert_in == experts.IN_FLUX).any()
+        held = layer.expert_in[layer.expert_in >= 0]
+        assert (layer.slot_of[held] == np.nonzero(layer.expert_in >= 0)[0]).all()
+
+
+def test_batched_decode_equals_resident(folders, path):
     """Rows prefilled alone, merged into batch caches, decoded together (batch_decode.step)."""
     folder = folders["float32"]
     rng = np.random.default_rng(3)
@@ -143,7 +210,7 @@ def _expert_file(folder):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_expert_file_broken_after_loading_names_the_file(folders, tokens, tmp_path, damage):
+def test_expert_file_broken_after_loading_names_the_file(folders, tokens, tmp_path, damage, path):
     folder = tmp_path / "m"
     shutil.copytree(folders["float32"], folder)
     want = np.array(load_model(folder)[0](tokens))

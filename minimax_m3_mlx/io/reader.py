@@ -232,19 +232,29 @@ class RangeReader:
 
     def read_rows(self, t: StoredTensor, rows: Tuple[int, int]) -> np.ndarray:
         """Rows [a, b) of `t` in a fresh buffer; a file that ends early is an error naming it."""
+        buf = np.empty((rows[1] - rows[0], t.row_nbytes), np.uint8)
+        self.read_rows_into(t, rows, buf)
+        return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
+
+    def read_rows_into(self, t: StoredTensor, rows: Tuple[int, int], buf: np.ndarray) -> None:
+        """Rows [a, b) of `t` into `buf` (contiguous, their size in bytes): no staging copy."""
         n = t.rows_nbytes(rows)
-        buf = np.empty(n, np.uint8)
+        assert buf.nbytes == n and buf.flags.c_contiguous
+        view, start, got = memoryview(buf.reshape(-1)), t.offset + rows[0] * t.row_nbytes, 0
         try:
-            got = os.preadv(self._fd(t.file), [memoryview(buf)], t.offset + rows[0] * t.row_nbytes) if n else 0
+            while got < n:  # a read may return less than asked (Linux: at most ~2 GB at once)
+                step = os.preadv(self._fd(t.file), [view[got:]], start + got)
+                if step == 0:
+                    break
+                got += step
         except OSError as e:
             raise CheckpointError(f"{t.file}: cannot read {t.name} ({e.strerror or e})") from None
         if got != n:
             raise CheckpointError(f"{t.file}: truncated while reading {t.name} ({got} of {n} bytes)")
         if self.drop_page_cache:
-            os.posix_fadvise(self._fd(t.file), t.offset + rows[0] * t.row_nbytes, n, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd(t.file), start, n, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += n
-        return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
 
     def close(self) -> None:
         with self._lock:

@@ -14,11 +14,12 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..io.reader import locate
+from ..io.reader import StoredTensor, locate
 from ..model import Model
 from ..config import ModelArgs
 from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_tensors, slots_for
 from ..parallel.sizing import cache_bytes
+from ..weights.sanitize import rename
 
 AUTO = "auto"
 AUTO_CONTEXT = 32768  # tokens of KV cache that `auto` leaves room for
@@ -56,10 +57,16 @@ def settle(args: ModelArgs, expert_memory: Union[int, str], resident_bytes: int)
     return expert_memory
 
 
+def stored_tensors(path: Path) -> Dict[str, StoredTensor]:
+    """Where each tensor of the folder is, in this package's names: a folder mlx-lm's converter
+    wrote stacks its experts as ours are, under other names (`block_sparse_moe.switch_mlp`)."""
+    return {rename(k): t for k, t in locate(path).items()}
+
+
 def check_expert_memory(path: Path, args: ModelArgs, expert_memory: Union[int, str]) -> None:
     """What `stream_experts` would refuse, found from the headers alone (the server checks
     before it listens; its weights load in a thread where a failure could only be logged)."""
-    stored = locate(path)
+    stored = stored_tensors(path)
     resident = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
     layers = [layer_tensors(stored, i) for i in range(args.num_hidden_layers) if args.is_moe(i)]
     slots_for(settle(args, expert_memory, resident), layers, args.num_experts_per_tok)
@@ -69,7 +76,7 @@ def stream_experts(model: Model, path: Path, weights: Dict[str, mx.array],
                    expert_memory: Union[int, str]) -> Dict[str, mx.array]:
     """Give `model` its expert pools; returns the weights to load (the experts' replaced by the pools')."""
     rest = {k: v for k, v in weights.items() if EXPERTS not in k}
-    stored = {k: t for k, t in locate(path).items() if EXPERTS in k}
+    stored = {k: t for k, t in stored_tensors(path).items() if EXPERTS in k}
     model.stream_experts(stored, settle(model.args, expert_memory, sum(v.nbytes for v in rest.values())))
     rest.update((k, v) for k, v in tree_flatten(model.parameters()) if EXPERTS in k)
     return rest

@@ -8,19 +8,23 @@ tensor) into the slots the least recently used experts held, and the gather matm
 over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
 same weights as in the resident model, so the logits are the same.
 
-A step that needs more experts than there are slots (a prefill chunk, a wide batch) runs
-in rounds of at most `n_slots` experts, each round computing only the pairs routed to its
-experts; the next round's reads are in flight while a round computes.
+Where the backend lets the CPU write an evaluated array in place (Metal's unified memory,
+MLX's CPU: `writes_in_place`), a miss is read straight into its slot's memory
+(DirectLayerExperts): the disk's bytes land in the pool with no buffer and no copy, so
+the process holds the pools and nothing more. Elsewhere misses go through buffers
+(expert_copies.CopyingLayerExperts).
 
-Reads overlap compute in two more ways: consecutive experts are read as one range per
-tensor, and while a layer computes, the reads of the experts that the next MoE layer's
-router picks for this layer's input are in flight (a guess: the next layer's true input
-differs by one attention block, so a wrong guess costs only bandwidth; what is read is
-used only when the true routing asks for that expert).
+A step that needs more experts than there are slots (a prefill chunk, a wide batch) runs
+in rounds, each computing only the pairs routed to its experts, the next round's reads in
+flight while a round computes. While a layer computes, the reads of the experts that the
+next MoE layer's router picks for this layer's input are in flight too (a guess: the next
+layer's true input differs by one attention block, so a wrong guess costs bandwidth and,
+on the direct path, the least recently used slot; never a wrong weight).
 """
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Tuple
@@ -35,6 +39,10 @@ from ..io.reader import RangeReader, StoredTensor, to_mx
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
 READ_THREADS = 8
+PIECE = 16 << 20  # bytes per read: long runs are split so that several reads are in flight
+# Reads started ahead of need (guesses, later rounds) hold buffers outside the pool: at most
+# this share of the pool's bytes, so that the process stays within --expert-memory's bound.
+READ_AHEAD_SHARE = 0.05
 
 
 class ExpertMemoryError(ValueError):
@@ -48,9 +56,11 @@ class ExpertStats:
     hits: int = 0
     misses: int = 0
     prefetched: int = 0  # misses whose read a guess or an earlier round had already started
+    reads: int = 0  # experts read from the files (guesses included)
     bytes_read: int = 0
-    guessed_unused: int = 0  # experts read on a guess that the routing did not ask for
+    guessed_unused: int = 0  # experts read on a guess that the step's routing did not ask for
     rounds: int = 0  # layer calls that needed more experts than there are slots, in extra rounds
+    peak_staged_bytes: int = 0  # the most bytes of read buffers outside the pools at once
 
     def reset(self) -> None:
         for f in fields(self):
@@ -71,6 +81,8 @@ class ExpertStreamer:
         self.stats = ExpertStats()
         self.layers: List["LayerExperts"] = []
         self.prefetch = prefetch
+        self.read_ahead = 0  # bytes of read buffers allowed in flight: set by stream_experts
+        self.staged_bytes = 0
 
     def next_after(self, layer: "LayerExperts") -> Optional["LayerExperts"]:
         i = self.layers.index(layer)
@@ -93,13 +105,19 @@ def runs(experts: np.ndarray) -> List[Tuple[int, int]]:
     return [(int(g[0]), int(g[-1]) + 1) for g in np.split(experts, cuts)]
 
 
+IN_FLUX = -2  # expert_in's mark for a slot a read is writing into: never handed out
+
+
 class LayerExperts:
-    """One MoE layer's slot table, its staged reads and its pool's updates.
+    """One MoE layer's slot table and its routed experts over the pool.
 
     `tensors` maps the switch_mlp's parameter names ("gate_proj.weight", ...) to the stored
     stacked tensors [n_experts, ...]; `router` is the layer's own router (for guesses made
-    by the layer before it).
+    by the layer before it). Subclasses say how a miss gets into the pool: `stage` starts
+    reads, `ensure` makes a round's experts resident, `drop_staged` ends a step's guesses.
     """
+
+    guess_share = 1.0  # of the slots that the previous layer's guess may take
 
     def __init__(self, streamer: ExpertStreamer, tensors: Dict[str, StoredTensor], n_slots: int, router):
         self.streamer = streamer
@@ -111,7 +129,7 @@ class LayerExperts:
         self.expert_in = np.full(n_slots, -1, np.int64)
         self.used_at = np.full(n_slots, -1, np.int64)  # empty slots (-1) are taken first
         self.clock = 0
-        self.staged: Dict[int, Tuple[Future, int]] = {}  # expert -> (read of its run, row in the run)
+        self.staged: Dict[int, object] = {}  # expert -> its read in flight
 
     @property
     def expert_nbytes(self) -> int:
@@ -121,34 +139,28 @@ class LayerExperts:
         """The pool's tensors, zero until experts are read into them."""
         return {k: mx.zeros((self.n_slots, *t.shape[1:]), DTYPES[t.tag].mlx) for k, t in self.tensors.items()}
 
-    # -- reads ------------------------------------------------------------------------------------------
-    def _read_run(self, a: int, b: int) -> Dict[str, np.ndarray]:
-        reader = self.streamer.reader
-        return {k: reader.read_rows(t, (a, b)) for k, t in self.tensors.items()}
+    def round_size(self) -> int:
+        """Experts per round when a step needs more than there are slots."""
+        return self.n_slots
 
-    def stage(self, experts: np.ndarray) -> None:
-        """Start reading the experts that are neither resident nor already on their way."""
-        experts = np.asarray(experts, np.int64)
-        todo = experts[(self.slot_of[experts] < 0) & ~np.isin(experts, list(self.staged))]
-        for a, b in runs(np.unique(todo)):
-            fut = self.streamer.executor.submit(self._read_run, a, b)
-            for e in range(a, b):
-                self.staged[e] = (fut, e - a)
+    def bind(self, mlp) -> None:
+        """Called with the layer's SwitchGLU once its pool is in place (SparseMoeBlock.stream)."""
+
+    def in_use(self, y: mx.array) -> mx.array:
+        """`y`, lazily computed from the pool (the copy path's updates leave it its own buffers)."""
+        return y
+
+    def stage(self, experts: np.ndarray, protect: Optional[np.ndarray] = None) -> None:
+        raise NotImplementedError
+
+    def ensure(self, mlp, needed: np.ndarray, ahead: Optional[np.ndarray] = None) -> None:
+        raise NotImplementedError
 
     def drop_staged(self) -> None:
-        """Forget reads nobody asked for (wrong guesses): they cost bandwidth only."""
-        for fut, _ in self.staged.values():
-            fut.cancel()
-        self.streamer.stats.guessed_unused += len(self.staged)
-        self.staged.clear()
+        raise NotImplementedError
 
-    # -- residency ------------------------------------------------------------------------------------
-    def ensure(self, mlp, needed: np.ndarray) -> None:
-        """Make the experts `needed` (sorted, unique, at most n_slots) resident in `mlp`'s pool.
-
-        The slot tables change only after every read succeeded: a read that fails (a file
-        deleted or truncated since loading) leaves the pool as it was, so it can never
-        hand out another expert's weights."""
+    def _count(self, needed: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(hits, misses) of a round, counted, the hits marked as just used."""
         stats = self.streamer.stats
         self.clock += 1
         resident = self.slot_of[needed] >= 0
@@ -156,28 +168,11 @@ class LayerExperts:
         self.used_at[self.slot_of[hits]] = self.clock
         stats.hits += int(hits.size)
         stats.misses += int(misses.size)
-        if misses.size == 0:
-            return
-        self.stage(misses)
-        parts = [self.staged.pop(int(e)) for e in misses]
-        rows = {k: np.stack([fut.result()[k][i] for fut, i in parts]) for k in self.tensors}
-        stats.bytes_read += int(misses.size) * self.expert_nbytes
+        return hits, misses
 
-        free = np.ones(self.n_slots, bool)
-        free[self.slot_of[hits]] = False
-        candidates = np.nonzero(free)[0]
-        victims = candidates[np.argsort(self.used_at[candidates], kind="stable")[: misses.size]]
-        old = self.expert_in[victims]
-        self.slot_of[old[old >= 0]] = -1
-        self.expert_in[victims] = misses
-        self.slot_of[misses] = victims
-        self.used_at[victims] = self.clock
-
-        where = mx.array(victims.astype(np.uint32))
-        params = dict(tree_flatten(mlp.parameters()))
-        for k, t in self.tensors.items():
-            params[k][where] = to_mx(t, rows[k])  # in place: the pool is the array's only holder
-        mx.eval([params[k] for k in self.tensors])
+    def _count_reads(self, n: int) -> None:
+        self.streamer.stats.reads += n
+        self.streamer.stats.bytes_read += n * self.expert_nbytes
 
     # -- the layer's routed experts -----------------------------------------------------------------------
     def __call__(self, mlp, x: mx.array, inds: mx.array) -> mx.array:
@@ -187,16 +182,19 @@ class LayerExperts:
         mx.eval(inds if guess is None else [inds, guess])
         ids = np.array(inds).reshape(-1).astype(np.int64)
         needed = np.unique(ids)
-        rounds = [needed[i:i + self.n_slots] for i in range(0, needed.size, self.n_slots)]
+        size = self.n_slots if needed.size <= self.n_slots else self.round_size()
+        if needed.size > size:  # residents first: the first rounds read least, later ones stream
+            needed = np.concatenate([needed[self.slot_of[needed] >= 0], needed[self.slot_of[needed] < 0]])
+        rounds = [needed[i:i + size] for i in range(0, needed.size, size)]
         early = np.isin(needed, list(self.staged)) & (self.slot_of[needed] < 0)
         self.streamer.stats.prefetched += int(early.sum())
         self.stage(rounds[0])
         if guess is not None:
-            nxt.stage(np.unique(np.array(guess))[: nxt.n_slots])
+            nxt.stage(np.unique(np.array(guess))[: max(1, int(nxt.n_slots * nxt.guess_share))])
         try:
             if len(rounds) == 1:
                 self.ensure(mlp, rounds[0])
-                return mlp(x, mx.array(self.slot_of[ids].reshape(inds.shape).astype(np.uint32)))
+                return self.in_use(mlp(x, mx.array(self.slot_of[ids].reshape(inds.shape).astype(np.uint32))))
             return self._in_rounds(mlp, x, inds, ids, rounds)
         except BaseException:
             for layer in self.streamer.layers:  # reads begun for this step die with it
@@ -211,26 +209,190 @@ class LayerExperts:
         flat = x.reshape(-1, D)
         outs, order = [], []
         for r, group in enumerate(rounds):
-            self.ensure(mlp, group)
-            if r + 1 < len(rounds):
-                self.stage(rounds[r + 1])  # read while this round computes
+            self.ensure(mlp, group, rounds[r + 1] if r + 1 < len(rounds) else None)  # the next is read meanwhile
             pairs = np.nonzero(np.isin(ids, group))[0]
             slots = mx.array(self.slot_of[ids[pairs]].astype(np.uint32))[:, None]
             y = mlp(flat[mx.array(pairs // k)], slots)[:, 0]
-            mx.eval(y)  # before the next round overwrites the slots it reads
+            mx.eval(y)  # before the next round's reads overwrite the slots it reads
             outs.append(y)
             order.append(pairs)
         back = mx.array(np.argsort(np.concatenate(order)))
         return mx.concatenate(outs)[back].reshape(*inds.shape, D)
 
 
+class SlotRead:
+    """One expert's read straight into a pool slot: every tensor's row, in pieces of at most PIECE bytes."""
+
+    def __init__(self, layer: "DirectLayerExperts", expert: int, slot: int):
+        self.expert, self.slot, self.cancelled, self.dropped = expert, slot, False, False
+        reader, pool = layer.streamer.reader, layer.streamer.executor
+        self.futures: List[Future] = []
+        for k, t in layer.tensors.items():
+            row = layer.views[k][slot * t.row_nbytes:(slot + 1) * t.row_nbytes]
+            for a in range(0, t.row_nbytes, PIECE):
+                b = min(t.row_nbytes, a + PIECE)
+                part = StoredTensor(t.name, t.file, "U8", (b - a,), t.offset + expert * t.row_nbytes + a, b - a)
+                self.futures.append(pool.submit(reader.read_rows_into, part, (0, b - a),
+                                                np.frombuffer(row[a:b], np.uint8)))
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()  # a failed read raises here, naming the file
+
+    def succeeded(self) -> bool:
+        return not self.cancelled and all(not f.cancelled() and f.exception() is None for f in self.futures)
+
+    def cancel(self) -> bool:
+        """Cancel what has not started; True if nothing is still writing into the slot. A read
+        with any piece cancelled is incomplete: its slot is emptied once the rest is done."""
+        self.cancelled |= any([f.cancel() for f in self.futures])
+        return self.done()
+
+
+class DirectLayerExperts(LayerExperts):
+    """Misses read straight into the pool's memory: no buffer, no copy (model/expert_copies.py
+    is the path for backends whose arrays the CPU cannot write in place).
+
+    A slot is chosen when its read starts (the least recently used of those the step does
+    not use) and marked IN_FLUX until the read has succeeded: the slot table never names an
+    expert whose bytes are not all in place, and a failed read leaves its slot empty. A
+    step that needs more experts than there are slots runs in rounds of half the slots:
+    the next round is read into the other half while one computes. A guess that the true
+    routing does not ask for is not undone: its expert stays, as a cache would keep it."""
+
+    guess_share = 0.5
+
+    def __init__(self, streamer, tensors, n_slots, router):
+        super().__init__(streamer, tensors, n_slots, router)
+        self.views: Dict[str, memoryview] = {}
+        self.addresses: Dict[str, int] = {}
+        self.pending: Optional[mx.array] = None
+
+    def round_size(self) -> int:
+        return max(1, self.n_slots // 2)
+
+    def in_use(self, y: mx.array) -> mx.array:
+        self.pending = y
+        return y
+
+    def _settle_pending(self) -> None:
+        """Before a read may write into a slot: the last lazily returned output computed from the
+        pool is computed (in generation it already is: the next token needed it; a caller that
+        feeds tokens without evaluating the logits would otherwise see overwritten slots)."""
+        if self.pending is not None:
+            mx.eval(self.pending)
+            self.pending = None
+
+    def bind(self, mlp) -> None:
+        """Writable views of the pool's buffers (evaluated arrays; `ensure` checks they are still
+        the layer's, so a pool replaced after loading is never written through a stale view)."""
+        params = dict(tree_flatten(mlp.parameters()))
+        self.views = {k: memoryview(params[k]).cast("B") for k in self.tensors}
+        self.addresses = self.buffers_of(mlp)
+
+    def buffers_of(self, mlp) -> Dict[str, int]:
+        """Where the pool's tensors live (a compiled step may re-wrap the arrays, not move them)."""
+        params = dict(tree_flatten(mlp.parameters()))
+        return {k: ctypes.addressof(ctypes.c_char.from_buffer(memoryview(params[k]).cast("B"))) for k in self.tensors}
+
+    def _reap(self, wait_for: Optional[SlotRead] = None, keep=()) -> None:
+        """Settle finished reads of experts not in `keep` (guesses): a success is resident, a failure empty."""
+        if wait_for is not None:
+            for f in wait_for.futures:
+                if not f.cancelled():
+                    f.exception()  # waits; errors are read below
+        for e, read in list(self.staged.items()):
+            if e not in keep and read.done():
+                del self.staged[e]
+                self._settle(read, read.succeeded())
+
+    def _settle(self, read: SlotRead, ok: bool) -> None:
+        if ok:
+            self.slot_of[read.expert] = read.slot
+            self.expert_in[read.slot] = read.expert
+        else:
+            self.expert_in[read.slot] = -1
+            self.used_at[read.slot] = -1
+
+    def stage(self, experts: np.ndarray, protect: Optional[np.ndarray] = None) -> np.ndarray:
+        """Start reading the experts that are neither resident nor on their way into free slots:
+        never a slot in flux, in `protect`, or holding one of `experts`. Returns those left for
+        want of a slot."""
+        self._settle_pending()
+        experts = np.asarray(experts, np.int64)
+        guard = np.zeros(self.n_slots, bool) if protect is None else protect.copy()
+        guard |= self.expert_in == IN_FLUX
+        held = self.slot_of[experts]
+        guard[held[held >= 0]] = True
+        todo = [int(e) for e in np.unique(experts) if self.slot_of[e] < 0 and int(e) not in self.staged]
+        free = np.nonzero(~guard)[0]
+        free = free[np.argsort(self.used_at[free], kind="stable")]
+        for e, slot in zip(todo, free):
+            old = self.expert_in[slot]
+            if old >= 0:
+                self.slot_of[old] = -1
+            self.expert_in[slot] = IN_FLUX
+            self.used_at[slot] = self.clock
+            self.staged[e] = SlotRead(self, e, int(slot))
+        self._count_reads(min(len(todo), len(free)))
+        return np.array(todo[len(free):], np.int64)
+
+    def ensure(self, mlp, needed: np.ndarray, ahead: Optional[np.ndarray] = None) -> None:
+        """Make `needed` (unique, at most n_slots) resident, starting `ahead`'s reads meanwhile."""
+        if self.buffers_of(mlp) != self.addresses:
+            raise RuntimeError("the streamed experts' pool was replaced after loading")
+        hits, misses = self._count(needed)
+        keep = np.zeros(self.n_slots, bool)
+        keep[self.slot_of[hits]] = True
+        left = self.stage(misses, keep)
+        while left.size:  # every other slot is taken by a guess still being read: let it finish
+            wanted = set(misses.tolist())
+            self._reap(wait_for=next(r for e, r in self.staged.items() if e not in wanted), keep=wanted)
+            left = self.stage(left, keep)
+        if ahead is not None:
+            keep[[self.staged[int(e)].slot for e in misses]] = True
+            self.stage(ahead, keep)
+        failed = None
+        for e in misses:
+            read = self.staged.pop(int(e))
+            try:
+                read.wait()
+            except BaseException as err:
+                failed = failed or err
+                read.cancel()
+                read.dropped = True
+                self.staged[int(e)] = read  # settled (emptied) once nothing writes into it
+                continue
+            self._settle(read, True)
+            self.used_at[read.slot] = self.clock
+        if failed is not None:
+            raise failed
+
+    def drop_staged(self) -> None:
+        """Guesses nobody asked for: reads not yet begun are cancelled (their slots left empty);
+        those under way finish and are kept."""
+        for e, read in list(self.staged.items()):
+            if not read.dropped:
+                read.dropped = True
+                self.streamer.stats.guessed_unused += 1
+            if read.cancel():
+                del self.staged[e]
+                self._settle(read, read.succeeded())
 def layer_tensors(tensors: Dict[str, StoredTensor], layer: int) -> Dict[str, StoredTensor]:
     """The stored switch_mlp tensors of decoder layer `layer`, by their names inside the SwitchGLU."""
     prefix = f"language_model.model.layers.{layer}{EXPERTS}"
     out = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+    if any(k.startswith("gate_up_proj.") for k in out):
+        raise ExpertMemoryError(
+            "--expert-memory reads experts stacked per projection; this folder (mlx-vlm's converter) fuses "
+            "gate and up with the shared expert: convert the original checkpoint with `minimax-m3 convert`")
     if not out:
         raise ExpertMemoryError(
-            f"--expert-memory needs the experts stacked per layer as `minimax-m3 convert` writes them; "
+            f"--expert-memory needs the experts stacked per layer as `minimax-m3 convert` (or mlx-lm's "
+            f"converter) writes them; "
             f"this folder has no {prefix}* tensors")
     return out
 
@@ -250,3 +412,29 @@ def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: 
             f"--expert-memory {gigabytes(expert_memory)} is below the minimum of {gigabytes(least)} "
             f"(the {top_k} experts one token uses in each of {len(layers)} MoE layers)")
     return min(n_experts, expert_memory // per_slot)
+
+
+def read_ahead_bytes(n_slots: int, layers: List[Dict[str, StoredTensor]], top_k: int) -> int:
+    """Bytes of reads allowed ahead of need: READ_AHEAD_SHARE of the pools, and at least one
+    token's top-k experts of a layer (a decode step's guess for the next layer)."""
+    per_expert = max(sum(t.row_nbytes for t in ts.values()) for ts in layers)
+    return max(top_k * per_expert, int(READ_AHEAD_SHARE * n_slots * per_expert * len(layers)))
+
+
+_IN_PLACE: Dict[str, bool] = {}
+
+
+def writes_in_place() -> bool:
+    """Whether bytes written through an evaluated array's buffer are what the default device
+    computes with (Metal's shared memory, MLX's CPU). Probed once per device: write through
+    the buffer, then let the device read it back."""
+    key = str(mx.default_device())
+    if key not in _IN_PLACE:
+        try:
+            a = mx.zeros((4,), mx.uint32)
+            mx.eval(a)
+            memoryview(a).cast("B")[4:8] = (7).to_bytes(4, "little")
+            _IN_PLACE[key] = (a + 0).tolist() == [0, 7, 0, 0]
+        except (BufferError, TypeError, ValueError, RuntimeError):
+            _IN_PLACE[key] = False
+    return _IN_PLACE[key]

@@ -19,6 +19,7 @@ from ..io.reader import StoredTensor
 from . import batch_decode, decode, experts, vision
 from .attention import Attention
 from .cache import SparseKVCache
+from .expert_copies import CopyingLayerExperts
 from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
 from .collectives import Stages, all_sum
 from .layers import DenseMLP, GemmaRMSNorm
@@ -245,12 +246,14 @@ class Model(nn.Module):
 
     # -- experts streamed from disk (experts.py) ------------------------------------------------
     def stream_experts(self, tensors: Dict[str, StoredTensor], expert_memory: int,
-                       prefetch: bool = True) -> experts.ExpertStreamer:
+                       prefetch: bool = True, direct: Optional[bool] = None) -> experts.ExpertStreamer:
         """Keep the routed experts on disk and `expert_memory` bytes of them in per-layer slot pools.
 
         `tensors`: where the checkpoint stores each switch_mlp tensor (io.reader.locate), in
         this model's names; after pipeline() only this stage's layers are streamed. Call it
         before loading the other weights: the pools replace the experts' parameters.
+        direct: read misses straight into the pools (default: where the backend allows it,
+        experts.writes_in_place); False copies through buffers (expert_copies.py).
         """
         if self.tensor_group is not None:
             raise experts.ExpertMemoryError("--expert-memory does not run tensor parallel yet (use pipeline)")
@@ -261,8 +264,11 @@ class Model(nn.Module):
         stored = [experts.layer_tensors(tensors, i) for i, _ in moe]
         n_slots = experts.slots_for(expert_memory, stored, self.args.num_experts_per_tok)
         streamer = experts.ExpertStreamer(prefetch=prefetch)
+        streamer.read_ahead = experts.read_ahead_bytes(n_slots, stored, self.args.num_experts_per_tok)
+        direct = experts.writes_in_place() if direct is None else direct
+        kind = experts.DirectLayerExperts if direct else CopyingLayerExperts
         for t, (_, block) in zip(stored, moe):
-            layer = experts.LayerExperts(streamer, t, n_slots, block.gate)
+            layer = kind(streamer, t, n_slots, block.gate)
             streamer.layers.append(layer)
             block.stream(layer)
         self.expert_streamer = streamer

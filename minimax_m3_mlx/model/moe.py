@@ -136,6 +136,7 @@ class SparseMoeBlock(nn.Module):
                                  f"the layer has {list(own[k].shape[1:])}")
         self.switch_mlp.update(tree_unflatten(list(pool.items())))
         mx.eval(self.switch_mlp.parameters())
+        experts.bind(self.switch_mlp)
         self.streamed = experts
 
     def shard(self, group) -> None:
