@@ -144,12 +144,12 @@ def drop_page_cache(files) -> None:
             os.close(fd)
 
 
-def disk_speeds(stored, probe: int, cached: bool, expert_reads: int = 32):
+def disk_speeds(stored, probe: int, cached: bool, threads: int, piece: int, expert_reads: int = 32):
     """(sequential GB/s over `probe` bytes, GB/s of expert reads at random experts, GB/s of the
     same reads were each expert one contiguous range), uncached
     unless `cached` (then the page cache's speeds). The sequential read is one thread of
-    16 MB reads; the expert reads run as the streamer runs them: READ_THREADS threads, each
-    expert's nine tensors in pieces of at most PIECE bytes. Buffers are reused: the probe
+    16 MB reads; the expert reads run as the streamer runs them: `threads` threads, each
+    expert's nine tensors in pieces of at most `piece` bytes. Buffers are reused: the probe
     adds nothing to the peak RSS the runs report."""
     drop = (lambda files: None) if cached else drop_page_cache
     t = max((t for k, t in stored.items() if EXPERTS in k), key=lambda t: t.nbytes)
@@ -166,17 +166,19 @@ def disk_speeds(stored, probe: int, cached: bool, expert_reads: int = 32):
     experts = [v for k, v in stored.items() if EXPERTS in k and ".layers.0." in k]
     drop({v.file for v in experts})
     reader = RangeReader()
-    pieces = [(v, (int(e), int(e) + 1)) for e in np.random.default_rng(1).choice(experts[0].shape[0], expert_reads,
-                                                                                  replace=False) for v in experts]
+    chosen = np.random.default_rng(1).choice(experts[0].shape[0], expert_reads, replace=False)
+    pieces = [StoredTensor(v.name, v.file, "U8", (min(piece, v.row_nbytes - a),), v.offset + int(e) * v.row_nbytes + a,
+                           min(piece, v.row_nbytes - a))
+              for e in chosen for v in experts for a in range(0, v.row_nbytes, piece)]
     local, widest = threading.local(), max(v.row_nbytes for v in experts)
 
-    def read(piece):
+    def read(part):
         if not hasattr(local, "buf"):
             local.buf = np.empty(widest, np.uint8)
-        reader.read_rows_into(piece[0], piece[1], local.buf[:piece[0].row_nbytes])
+        reader.read_rows_into(part, (0, part.nbytes), local.buf[:part.nbytes])
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(READ_THREADS) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(read, pieces))
     rand = reader.bytes_read / (time.perf_counter() - t0) / 1e9
 
@@ -187,16 +189,16 @@ def disk_speeds(stored, probe: int, cached: bool, expert_reads: int = 32):
     drop([big.file])
     starts = np.random.default_rng(2).choice(big.nbytes // per_expert, min(expert_reads, big.nbytes // per_expert),
                                              replace=False) * per_expert
-    spans = [(int(o) + a, min(per_expert - a, PIECE)) for o in starts for a in range(0, per_expert, PIECE)]
+    spans = [(int(o) + a, min(per_expert - a, piece)) for o in starts for a in range(0, per_expert, piece)]
 
     def read_span(span):
-        if getattr(local, "buf", None) is None or local.buf.nbytes < PIECE:
-            local.buf = np.empty(PIECE, np.uint8)
+        if getattr(local, "buf", None) is None or local.buf.nbytes < piece:
+            local.buf = np.empty(piece, np.uint8)
         part = StoredTensor(big.name, big.file, "U8", (span[1],), big.offset + span[0], span[1])
         reader.read_rows_into(part, (0, span[1]), local.buf[:span[1]])
 
     before, t0 = reader.bytes_read, time.perf_counter()
-    with ThreadPoolExecutor(READ_THREADS) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(read_span, spans))
     major = (reader.bytes_read - before) / (time.perf_counter() - t0) / 1e9
     reader.close()
@@ -231,12 +233,14 @@ def one_run(a) -> dict:
     folder = Path(a.folder)
     stored = locate(folder)
     bank = sum(t.nbytes for k, t in stored.items() if EXPERTS in k)
-    seq, rand, major = disk_speeds(stored, a.disk_probe, a.page_cache)
+    piece = int(a.piece_mb * (1 << 20))
+    seq, rand, major = disk_speeds(stored, a.disk_probe, a.page_cache, a.threads, piece)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # python, mlx, numpy: before any weight
     if not a.page_cache:
         drop_page_cache({t.file for t in stored.values()})
     if a.path != "auto":  # the direct path where the backend allows it, else copies; or as asked
         experts.writes_in_place = lambda: a.path == "direct"
+    experts.READ_THREADS, experts.PIECE = a.threads, piece
     model, _ = load_model(folder, expert_memory=max(1, int(bank * a.fraction)))
     streamer = model.expert_streamer
     streamer.reader.drop_page_cache = not a.page_cache  # bench only: every miss comes from the disk
@@ -245,6 +249,7 @@ def one_run(a) -> dict:
         zipf_bias(model)
     rng = np.random.default_rng(2)
     path = "direct" if isinstance(streamer.layers[0], experts.DirectLayerExperts) else "copies"
+    path += f" {a.threads}x{a.piece_mb:g}MB"
     out = dict(fraction=a.fraction, routing=a.routing, path=path, slots=streamer.n_slots, bank_gb=bank / 1e9,
                disk_seq_gbs=seq, disk_expert_gbs=rand, disk_expert_major_gbs=major)
     cache = model.make_cache()
@@ -319,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["auto", "direct", "copies"], default="auto",
                    help="how misses reach the pool: straight into it (where the backend allows), or copied")
+    p.add_argument("--threads", type=int, default=READ_THREADS, help="expert-read threads")
+    p.add_argument("--piece-mb", type=float, default=PIECE / (1 << 20), help="MB per read")
     p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
     p.add_argument("--routing", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -340,7 +347,7 @@ def main(argv=None) -> int:
             for f in a.fractions.split(","):
                 cmd = [sys.executable, __file__, "--one", "--folder", str(folder), "--fraction", f, "--routing",
                        routing, "--decode", str(a.decode), "--chunk", str(a.chunk), "--disk-probe", str(a.disk_probe),
-                       "--path", a.path]
+                       "--path", a.path, "--threads", str(a.threads), "--piece-mb", str(a.piece_mb)]
                 cmd += ["--page-cache"] if a.page_cache else []
                 try:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
