@@ -10,7 +10,8 @@ same weights as in the resident model, so the logits are the same.
 
 A step that needs more experts than there are slots (a prefill chunk, a wide batch) runs
 in rounds of at most `n_slots` experts, each round computing only the pairs routed to its
-experts; the next round's reads are in flight while a round computes.
+experts, the experts already resident first; the next round's reads are in flight while a
+round computes.
 
 Reads overlap compute in two more ways: consecutive experts are read as one range per
 tensor, and while a layer computes, the reads of the experts that the next MoE layer's
@@ -35,6 +36,9 @@ from ..io.reader import RangeReader, StoredTensor, to_mx
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
 READ_THREADS = 8
+# The eviction policy the pools run (least recently used): the curve `plan --hit-curve`
+# reads from scripts/expert_policies.py's JSON, which replays traces through it and others.
+POLICY = "lru"
 
 
 class ExpertMemoryError(ValueError):
@@ -144,7 +148,7 @@ class LayerExperts:
 
     # -- residency ------------------------------------------------------------------------------------
     def ensure(self, mlp, needed: np.ndarray) -> None:
-        """Make the experts `needed` (sorted, unique, at most n_slots) resident in `mlp`'s pool.
+        """Make the experts `needed` (unique, at most n_slots) resident in `mlp`'s pool.
 
         The slot tables change only after every read succeeded: a read that fails (a file
         deleted or truncated since loading) leaves the pool as it was, so it can never
@@ -187,6 +191,12 @@ class LayerExperts:
         mx.eval(inds if guess is None else [inds, guess])
         ids = np.array(inds).reshape(-1).astype(np.int64)
         needed = np.unique(ids)
+        if needed.size > self.n_slots:
+            # The resident experts make the first round: in id order an early round could
+            # evict one that a later round needs, and a prefill chunk would then miss on
+            # every expert (scripts/expert_policies.py measures both orders).
+            resident = self.slot_of[needed] >= 0
+            needed = np.concatenate([needed[resident], needed[~resident]])
         rounds = [needed[i:i + self.n_slots] for i in range(0, needed.size, self.n_slots)]
         early = np.isin(needed, list(self.staged)) & (self.slot_of[needed] < 0)
         self.streamer.stats.prefetched += int(early.sum())

@@ -1,0 +1,289 @@
+"""Replay a routing trace (--expert-trace) through expert-cache policies: the hit rate per budget.
+
+Each MoE layer's pool of `slots` experts is simulated as model/experts.py's LayerExperts
+runs it: a call's experts, sorted and unique, in rounds of at most `slots` (a step that
+needs more experts than there are slots), empty slots filled first, the experts of a
+round never evicted by that round. Policies choose which resident expert leaves:
+
+  lru      least recently used (what LayerExperts runs: its counts are reproduced exactly)
+  lfu      the least often used, counts halving every 1024 calls of the layer (aging), LRU on ties
+  lrfu     the same with counts halving every 16 calls: frequency over a short window
+  belady   the one used furthest in the future (Belady's MIN): the best any policy can do
+
+A call's rounds start with the experts already in the pool, as LayerExperts runs them;
+`lru-sorted-rounds` is LRU with the rounds in expert-id order, as LayerExperts ran them
+before (an early round then evicts experts that a later round of the same call needs, and
+a prefill chunk misses on every expert).
+
+Hits are counted per phase: decode (one new token per row) and prefill (chunks). The curve
+(fraction of the bank in memory -> decode hit rate, per policy) goes to --json, for
+`minimax-m3 plan --hit-curve FILE`.
+
+  python scripts/expert_policies.py trace.npz --json curve.json
+  python scripts/expert_policies.py --record trace.npz --routing zipf --decode 400 --prefill 2048 --chunk 512
+      (--record: a small random model with the real routing shape (128 experts, top-4),
+       routers and token embeddings as bench_experts.py sets them; its routing is synthetic)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minimax_m3_mlx.model.expert_trace import LoadedTrace, load_trace  # noqa: E402
+
+POLICIES = ("lru", "lfu", "lrfu", "belady")
+HALF_LIFE = {"lfu": 1024, "lrfu": 16}  # in calls of the layer
+
+
+@dataclass
+class Counts:
+    hits: Dict[str, int] = field(default_factory=lambda: {"decode": 0, "prefill": 0})
+    misses: Dict[str, int] = field(default_factory=lambda: {"decode": 0, "prefill": 0})
+    rounds: int = 0
+
+    def add(self, other: "Counts") -> None:
+        for phase in self.hits:
+            self.hits[phase] += other.hits[phase]
+            self.misses[phase] += other.misses[phase]
+        self.rounds += other.rounds
+
+    def hit_rate(self, phase: str = "decode") -> float:
+        n = self.hits[phase] + self.misses[phase]
+        return self.hits[phase] / n if n else 0.0
+
+    @property
+    def total_hits(self) -> int:
+        return sum(self.hits.values())
+
+    @property
+    def total_misses(self) -> int:
+        return sum(self.misses.values())
+
+
+def layer_calls(trace: LoadedTrace) -> Dict[int, List]:
+    """Per layer, its calls in order: (sorted unique experts, whether a decode step)."""
+    calls: Dict[int, List] = {}
+    for r in trace.records():
+        calls.setdefault(r.layer, []).append((np.unique(r.experts), r.decode))
+    return calls
+
+
+def split(needed: np.ndarray, slots: int, slot_of: np.ndarray, order: str) -> List[np.ndarray]:
+    """One call's rounds. resident-first: the experts already in the pool make the first
+    round (what LayerExperts does); sorted: by expert id (what it did before)."""
+    if order == "resident-first" and needed.size > slots:
+        r = slot_of[needed] >= 0
+        needed = np.concatenate([needed[r], needed[~r]])
+    return [needed[i:i + slots] for i in range(0, needed.size, slots)]
+
+
+def next_uses(calls, n_experts: int) -> np.ndarray:
+    """[call, expert]: the next call after this one that uses the expert (inf: never). With
+    resident-first rounds this is exact for Belady: every resident expert a call needs is in
+    its first round, so an expert evicted by a call is next needed by a later call."""
+    out = np.empty((len(calls), n_experts), np.float64)
+    nxt = np.full(n_experts, np.inf)
+    for i in range(len(calls) - 1, -1, -1):
+        out[i] = nxt
+        nxt[calls[i][0]] = i
+    return out
+
+
+def simulate(calls, slots: int, n_experts: int, policy: str, order: str = "resident-first") -> Counts:
+    """One layer's pool of `slots` under `policy` over its calls (belady: resident-first rounds)."""
+    future = next_uses(calls, n_experts) if policy == "belady" else None
+    decay = 0.5 ** (1 / HALF_LIFE[policy]) if policy in HALF_LIFE else None
+    slot_of = np.full(n_experts, -1, np.int64)
+    expert_in = np.full(slots, -1, np.int64)
+    used_at = np.full(slots, -1, np.int64)  # as LayerExperts: empty slots (-1) first, ties by slot
+    freq = np.zeros(n_experts)
+    c, t = Counts(), -1
+    for call, (needed_all, decode) in enumerate(calls):
+        phase = "decode" if decode else "prefill"
+        groups = split(needed_all, slots, slot_of, "resident-first" if future is not None else order)
+        c.rounds += len(groups) - 1
+        for needed in groups:
+            t += 1
+            resident = slot_of[needed] >= 0
+            hits, misses = needed[resident], needed[~resident]
+            used_at[slot_of[hits]] = t
+            c.hits[phase] += int(hits.size)
+            c.misses[phase] += int(misses.size)
+            if decay is not None:
+                freq *= decay
+                freq[needed] += 1
+            if misses.size == 0:
+                continue
+            free = np.ones(slots, bool)
+            free[slot_of[hits]] = False
+            cand = np.nonzero(free)[0]
+            held = np.maximum(expert_in[cand], 0)
+            if policy == "lru":
+                order_ = np.argsort(used_at[cand], kind="stable")
+            elif policy == "belady":  # empty first, then the furthest next use
+                order_ = np.lexsort((-future[call][held], expert_in[cand] >= 0))
+            else:  # empty first, then the lowest count, then the least recent
+                order_ = np.lexsort((used_at[cand], freq[held], expert_in[cand] >= 0))
+            victims = cand[order_[:misses.size]]
+            old = expert_in[victims]
+            slot_of[old[old >= 0]] = -1
+            expert_in[victims] = misses
+            slot_of[misses] = victims
+            used_at[victims] = t
+    return c
+
+
+def replay(trace: LoadedTrace, slots: int, policy: str, calls=None, order: str = "resident-first") -> Counts:
+    """Every layer of the trace with `slots` slots each, summed."""
+    total = Counts()
+    for layer_calls_ in (calls or layer_calls(trace)).values():
+        total.add(simulate(layer_calls_, slots, trace.n_experts, policy, order))
+    return total
+
+
+def slot_range(n_experts: int, top_k: int) -> List[int]:
+    """Budgets from the least one token needs to the whole bank: about 1/16, 1/8, ... of it."""
+    fractions = (0.03125, 0.0625, 0.09375, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    return sorted({max(top_k, round(f * n_experts)) for f in fractions})
+
+
+def curves(trace: LoadedTrace, policies=POLICIES, slots=None, progress=True) -> dict:
+    calls = layer_calls(trace)
+    slots = slots or slot_range(trace.n_experts, trace.top_k)
+    decode_tokens = int(sum(trace.batch[trace.length == 1])) // max(1, len(calls))
+    prefill_tokens = int((trace.batch * trace.length)[trace.length > 1].sum()) // max(1, len(calls))
+    out = {"source": trace.source, "n_experts": trace.n_experts, "top_k": trace.top_k, "moe_layers": len(calls),
+           "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens, "phase": "decode",
+           "slots": slots, "curves": {}, "prefill": {}, "rounds": {}}
+    runs = [(p, p, "resident-first") for p in policies]
+    if "lru" in policies:
+        runs.append(("lru-sorted-rounds", "lru", "sorted"))
+    for name, p, order in runs:
+        t0 = time.perf_counter()
+        res = [replay(trace, s, p, calls, order) for s in slots]
+        out["curves"][name] = [[s / trace.n_experts, c.hit_rate("decode")] for s, c in zip(slots, res)]
+        out["prefill"][name] = [[s / trace.n_experts, c.hit_rate("prefill")] for s, c in zip(slots, res)]
+        out["rounds"][name] = [c.rounds for c in res]
+        if progress:
+            print(f"  {name}: {len(slots)} budgets in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def table(result: dict) -> str:
+    pols = list(result["curves"])
+    head = "| slots | share of bank | " + " | ".join(f"{p} decode" for p in pols) + " | " + \
+        " | ".join(f"{p} prefill" for p in pols) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for i, s in enumerate(result["slots"]):
+        dec = " | ".join(f"{result['curves'][p][i][1]:.1%}" for p in pols)
+        pre = " | ".join(f"{result['prefill'][p][i][1]:.1%}" for p in pols) if result["prefill_tokens"] else \
+            " | ".join("-" for _ in pols)
+        lines.append(f"| {s} | {s / result['n_experts']:.1%} | {dec} | {pre} |")
+    return "\n".join(lines)
+
+
+# -- a trace from a small random model (--record) -------------------------------------------------------
+EMBED_SCALE = 30.0  # token embeddings well above the attention output (bench_experts.random_routers: why)
+
+
+def small_model(n_layers: int, routing: str, seed: int = 0):
+    """A random model with the real routing shape (128 experts, top-4) and small widths."""
+    import mlx.core as mx
+
+    from minimax_m3_mlx import synthetic
+    from minimax_m3_mlx.config import ModelArgs
+    from minimax_m3_mlx.model import Model
+
+    cfg = synthetic.tiny_config({"hidden_size": 256, "num_local_experts": 128, "num_experts_per_tok": 4,
+                                 "num_hidden_layers": n_layers, "moe_layer_freq": [1] * n_layers,
+                                 "vocab_size": 8192, "max_position_embeddings": 1 << 16})
+    cfg.pop("vision_config")
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(cfg))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        gate = layer.mlp.gate
+        gate.weight = mx.random.normal(gate.weight.shape) / gate.weight.shape[1] ** 0.5
+        if routing == "zipf":  # as bench_experts.zipf_bias: a bias falling as 1/rank, experts shuffled
+            E = gate.e_score_correction_bias.shape[0]
+            bias = np.zeros(E, np.float32)
+            bias[rng.permutation(E)] = 0.5 / np.arange(1, E + 1)
+            gate.e_score_correction_bias = mx.array(bias)
+    emb = model.language_model.model.embed_tokens
+    emb.weight = emb.weight * EMBED_SCALE
+    return model, cfg["text_config"]["vocab_size"]
+
+
+def record(path: Path, routing: str, decode: int, prefill: int, chunk: int, n_layers: int, seed: int = 0) -> None:
+    """A prompt of `prefill` random tokens in chunks of `chunk`, then `decode` random tokens one by one."""
+    import mlx.core as mx
+
+    from minimax_m3_mlx.model.expert_trace import ExpertTrace
+
+    model, vocab = small_model(n_layers, routing, seed)
+    trace = ExpertTrace(128, 4, source=f"SYNTHETIC: a random model (128 experts, top-4, {n_layers} MoE layers), "
+                                       f"{routing} routing, random tokens (expert_policies.py --record)")
+    model.record_experts(trace)
+    rng = np.random.default_rng(seed + 1)
+    cache = model.make_cache()
+    t0 = time.perf_counter()
+    prompt = rng.integers(0, vocab, (1, max(1, prefill)))
+    for a in range(0, prompt.shape[1], chunk):
+        mx.eval(model(mx.array(prompt[:, a:a + chunk]), cache=cache))
+    for i, tok in enumerate(rng.integers(0, vocab, (decode, 1, 1))):
+        mx.eval(model(mx.array(tok), cache=cache))
+        if (i + 1) % 100 == 0:
+            print(f"  {i + 1}/{decode} decode tokens ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print(f"{trace.save(path)}: {len(trace)} layer calls over {trace.step + 1} steps")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", nargs="?", help="a trace written by --expert-trace (or --record)")
+    p.add_argument("--json", help="write the hit-rate curves here (for plan --hit-curve)")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--slots", help="slot counts per layer, comma-separated (default: 1/32 .. all of the bank)")
+    p.add_argument("--record", metavar="FILE", help="record a trace from a small random model instead")
+    p.add_argument("--routing", choices=("uniform", "zipf"), default="uniform", help="with --record")
+    p.add_argument("--decode", type=int, default=400, help="with --record: decode tokens")
+    p.add_argument("--prefill", type=int, default=2048, help="with --record: prompt tokens")
+    p.add_argument("--chunk", type=int, default=512, help="with --record: prefill chunk tokens")
+    p.add_argument("--layers", type=int, default=4, help="with --record: MoE layers")
+    a = p.parse_args(argv)
+    if a.record:
+        record(Path(a.record), a.routing, a.decode, a.prefill, a.chunk, a.layers)
+        return 0
+    if not a.trace:
+        p.error("give a trace file (or --record FILE)")
+    policies = a.policies.split(",")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        p.error(f"--policies: unknown {sorted(unknown)}; choose from {', '.join(POLICIES)}")
+    try:
+        trace = load_trace(a.trace)
+    except ValueError as e:
+        p.error(str(e))
+    slots = [int(s) for s in a.slots.split(",")] if a.slots else None
+    result = curves(trace, policies, slots)
+    result["trace"] = str(a.trace)
+    print(f"{a.trace}: {trace.source}; {result['moe_layers']} MoE layers, {trace.n_experts} experts, top-{trace.top_k};"
+          f" {result['prefill_tokens']} prefill and {result['decode_tokens']} decode tokens per layer")
+    print(table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
