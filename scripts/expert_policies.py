@@ -5,10 +5,13 @@ runs it: a call's experts, sorted and unique, in rounds of at most `slots` (a st
 needs more experts than there are slots), empty slots filled first, the experts of a
 round never evicted by that round. Policies choose which resident expert leaves:
 
-  lru      least recently used (what LayerExperts runs: its counts are reproduced exactly)
-  lfu      the least often used, counts halving every 1024 calls of the layer (aging), LRU on ties
-  lrfu     the same with counts halving every 16 calls: frequency over a short window
+  lru      least recently used (what LayerExperts ran first)
+  lrfu     the least often used lately: counts per expert halving every experts.HALF_LIFE (16)
+           calls of the layer, LRU on ties (what LayerExperts runs by default)
+  lfu      the same with counts halving every 1024 calls: frequency over a long window
   belady   the one used furthest in the future (Belady's MIN): the best any policy can do
+
+LayerExperts's counts (misses, hits, rounds) are reproduced exactly under lru and lrfu.
 
 A call's rounds start with the experts already in the pool, as LayerExperts runs them;
 `lru-sorted-rounds` is LRU with the rounds in expert-id order, as LayerExperts ran them
@@ -22,7 +25,8 @@ Hits are counted per phase: decode (one new token per row) and prefill (chunks).
   python scripts/expert_policies.py trace.npz --json curve.json
   python scripts/expert_policies.py --record trace.npz --routing zipf --decode 400 --prefill 2048 --chunk 512
       (--record: a small random model with the real routing shape (128 experts, top-4),
-       routers and token embeddings as bench_experts.py sets them; its routing is synthetic)
+       routers and token embeddings as bench_experts.py sets them; random tokens, or with
+       --tokens text this repository's README and BENCHMARKS words; its routing is synthetic)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -40,10 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minimax_m3_mlx.model import experts  # noqa: E402
 from minimax_m3_mlx.model.expert_trace import LoadedTrace, load_trace  # noqa: E402
 
-POLICIES = ("lru", "lfu", "lrfu", "belady")
-HALF_LIFE = {"lfu": 1024, "lrfu": 16}  # in calls of the layer
+POLICIES = ("lru", "lrfu", "lfu", "belady")
+HALF_LIFE = {"lfu": 1024, "lrfu": experts.HALF_LIFE}  # in calls of the layer
 
 
 @dataclass
@@ -225,23 +231,36 @@ def small_model(n_layers: int, routing: str, seed: int = 0):
     return model, cfg["text_config"]["vocab_size"]
 
 
-def record(path: Path, routing: str, decode: int, prefill: int, chunk: int, n_layers: int, seed: int = 0) -> None:
-    """A prompt of `prefill` random tokens in chunks of `chunk`, then `decode` random tokens one by one."""
+def text_tokens(n: int, vocab: int) -> np.ndarray:
+    """The words of this repository's README and BENCHMARKS, hashed into the vocabulary: a
+    token stream with the repetitions of real text (the routing is still a random model's)."""
+    words = " ".join((ROOT / f).read_text() for f in ("README.md", "BENCHMARKS.md")).split()
+    if len(words) < n:
+        raise SystemExit(f"--tokens text: the texts have {len(words)} words, {n} asked for")
+    return np.array([zlib.crc32(w.encode()) % vocab for w in words[:n]])
+
+
+def record(path: Path, routing: str, tokens: str, decode: int, prefill: int, chunk: int, n_layers: int,
+           seed: int = 0) -> None:
+    """A prompt of `prefill` tokens in chunks of `chunk`, then `decode` tokens one by one
+    (random ones, or the words that follow in the text)."""
     import mlx.core as mx
 
     from minimax_m3_mlx.model.expert_trace import ExpertTrace
 
     model, vocab = small_model(n_layers, routing, seed)
     trace = ExpertTrace(128, 4, source=f"SYNTHETIC: a random model (128 experts, top-4, {n_layers} MoE layers), "
-                                       f"{routing} routing, random tokens (expert_policies.py --record)")
+                                       f"{routing} routing, {tokens} tokens (expert_policies.py --record)")
     model.record_experts(trace)
     rng = np.random.default_rng(seed + 1)
+    n = max(1, prefill) + decode
+    stream = rng.integers(0, vocab, n) if tokens == "random" else text_tokens(n, vocab)
+    prompt, rest = stream[None, :n - decode], stream[n - decode:]
     cache = model.make_cache()
     t0 = time.perf_counter()
-    prompt = rng.integers(0, vocab, (1, max(1, prefill)))
     for a in range(0, prompt.shape[1], chunk):
         mx.eval(model(mx.array(prompt[:, a:a + chunk]), cache=cache))
-    for i, tok in enumerate(rng.integers(0, vocab, (decode, 1, 1))):
+    for i, tok in enumerate(rest.reshape(-1, 1, 1)):
         mx.eval(model(mx.array(tok), cache=cache))
         if (i + 1) % 100 == 0:
             print(f"  {i + 1}/{decode} decode tokens ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -255,14 +274,17 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--slots", help="slot counts per layer, comma-separated (default: 1/32 .. all of the bank)")
     p.add_argument("--record", metavar="FILE", help="record a trace from a small random model instead")
-    p.add_argument("--routing", choices=("uniform", "zipf"), default="uniform", help="with --record")
+    p.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
+                   help="with --record: random routers, or biased as bench_experts.py --routing zipf")
+    p.add_argument("--tokens", choices=("random", "text"), default="random",
+                   help="with --record: random tokens, or this repository's README and BENCHMARKS words")
     p.add_argument("--decode", type=int, default=400, help="with --record: decode tokens")
     p.add_argument("--prefill", type=int, default=2048, help="with --record: prompt tokens")
     p.add_argument("--chunk", type=int, default=512, help="with --record: prefill chunk tokens")
     p.add_argument("--layers", type=int, default=4, help="with --record: MoE layers")
     a = p.parse_args(argv)
     if a.record:
-        record(Path(a.record), a.routing, a.decode, a.prefill, a.chunk, a.layers)
+        record(Path(a.record), a.routing, a.tokens, a.decode, a.prefill, a.chunk, a.layers)
         return 0
     if not a.trace:
         p.error("give a trace file (or --record FILE)")

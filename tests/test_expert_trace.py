@@ -21,7 +21,7 @@ from minimax_m3_mlx import load_model, synthetic
 from minimax_m3_mlx.convert import run as conv
 from minimax_m3_mlx.io.reader import locate
 from minimax_m3_mlx.model.expert_trace import ExpertTrace, LoadedTrace, load_trace
-from minimax_m3_mlx.model.experts import EXPERTS
+from minimax_m3_mlx.model.experts import EXPERTS, POLICIES, POLICY
 from minimax_m3_mlx.model.moe import Router
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -100,15 +100,18 @@ def test_a_file_that_is_not_a_trace_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("slots", [2, 3, 5, 9])
-def test_simulated_lru_counts_what_the_slot_pools_count(folder, tokens, tmp_path, slots):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_simulated_policy_counts_what_the_slot_pools_count(folder, tokens, tmp_path, slots, policy):
     model, _ = load_model(folder, expert_memory=slots * slot_bytes(folder))
+    assert model.expert_streamer.policy == POLICY
+    model.expert_streamer.policy = policy  # before any expert is read
     stats = model.expert_streamer.stats
     _, trace = traced(model, tokens, tmp_path)
-    sim = ep.replay(trace, slots, "lru")
+    sim = ep.replay(trace, slots, policy)
     assert (sim.total_hits, sim.total_misses, sim.rounds) == (stats.hits, stats.misses, stats.rounds)
     assert stats.hits > 0 and stats.rounds > 0  # evictions and steps in rounds were exercised
     # The rounds' order matters: in expert-id order (the pools' old order) prefill hits fewer.
-    assert ep.replay(trace, slots, "lru", order="sorted").hits["prefill"] < sim.hits["prefill"]
+    assert ep.replay(trace, slots, policy, order="sorted").hits["prefill"] < sim.hits["prefill"]
 
 
 def random_trace(rng, n_calls: int, n_experts: int, top_k: int, rows: int, skew: float) -> LoadedTrace:
@@ -156,7 +159,7 @@ def test_plan_reads_hit_rate_and_speed_off_the_curve(capsys, tmp_path):
     fractions, rates = [0.1, 0.3, 0.6, 0.9], [0.32, 0.58, 0.81, 0.97]
     curve = tmp_path / "curve.json"
     curve.write_text(json.dumps({"source": "SYNTHETIC: a test curve",
-                                 "curves": {"lru": [[f, r] for f, r in zip(fractions, rates)]}}))
+                                 "curves": {POLICY: [[f, r] for f, r in zip(fractions, rates)]}}))
     out = _plan(capsys, "--hit-curve", str(curve))
     budget = int(re.findall(r"--expert-memory (\d+)GB", out)[0])
     bank = float(re.findall(r"bank ([\d.]+) GB", out)[0])
@@ -174,14 +177,15 @@ def test_plan_reads_hit_rate_and_speed_off_the_curve(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("content, expect", [
-    ("{", "not a hit-rate curve"), ('{"curves": {"lfu": []}}', "needs curves.lru"),
-    ('{"curves": {"lru": [[0.5, 0.2], [0.2, 0.4]]}}', "increasing fractions"),
+    ("{", "not a hit-rate curve"), ({"curves": {"other": []}}, f"needs curves.{POLICY}"),
+    ({"curves": {POLICY: [[0.5, 0.2], [0.2, 0.4]]}}, "increasing fractions"),
+    ({"curves": {POLICY: [[0.5, 1.2]]}}, "hit rates in [0, 1]"),
 ])
 def test_plan_refuses_a_bad_curve_in_one_line(capsys, tmp_path, content, expect):
     from minimax_m3_mlx import cli
 
     f = tmp_path / "c.json"
-    f.write_text(content)
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
     assert cli.main(["plan", "--hosts", "1x128", "--hit-curve", str(f)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minimax-m3 plan: error: --hit-curve") and expect in err[0], err

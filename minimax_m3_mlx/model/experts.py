@@ -4,7 +4,7 @@ Each MoE layer keeps `n_slots` experts in memory: the same quantised tensors as 
 SwitchGLU, with `n_slots` rows instead of one per expert. The router's choices are looked
 up in the layer's slot table; experts that are not resident are read from the folder's
 safetensors by byte range (io.reader.RangeReader: an expert is row e of each stacked
-tensor) into the slots the least recently used experts held, and the gather matmul runs
+tensor) into the slots of experts the policy lets go (POLICY, below), and the gather matmul runs
 over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
 same weights as in the resident model, so the logits are the same.
 
@@ -36,9 +36,15 @@ from ..io.reader import RangeReader, StoredTensor, to_mx
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
 READ_THREADS = 8
-# The eviction policy the pools run (least recently used): the curve `plan --hit-curve`
-# reads from scripts/expert_policies.py's JSON, which replays traces through it and others.
-POLICY = "lru"
+# Which resident expert a miss replaces. lru: the least recently used. lrfu: the one used
+# least often lately (a count per expert that halves every HALF_LIFE calls of the layer),
+# the least recently used among equals. lrfu is the default: on skewed routing traces it
+# hits more than LRU at small budgets and on uniform ones it hits as often
+# (scripts/expert_policies.py replays traces through both; BENCHMARKS.md has the figures).
+# `plan --hit-curve` reads the curve of POLICY.
+POLICIES = ("lru", "lrfu")
+POLICY = "lrfu"
+HALF_LIFE = 16
 
 
 class ExpertMemoryError(ValueError):
@@ -69,7 +75,10 @@ class ExpertStats:
 class ExpertStreamer:
     """Shared by a model's streamed layers: the reader, its threads, the counters, the layer order."""
 
-    def __init__(self, threads: int = READ_THREADS, prefetch: bool = True):
+    def __init__(self, threads: int = READ_THREADS, prefetch: bool = True, policy: str = POLICY):
+        if policy not in POLICIES:
+            raise ExpertMemoryError(f"expert policy {policy!r}: choose from {', '.join(POLICIES)}")
+        self.policy = policy
         self.reader = RangeReader()
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.stats = ExpertStats()
@@ -87,6 +96,15 @@ class ExpertStreamer:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
+
+
+def choose_victims(policy: str, held: np.ndarray, used_at: np.ndarray, uses: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` slots to refill among candidates holding experts `held` (-1:
+    empty), last used at `used_at`: the empty ones first (used_at -1), then by `policy`;
+    `uses` is the decayed use count of every expert (lrfu)."""
+    if policy == "lru":
+        return np.argsort(used_at, kind="stable")[:n]
+    return np.lexsort((used_at, uses[np.maximum(held, 0)], held >= 0))[:n]
 
 
 def runs(experts: np.ndarray) -> List[Tuple[int, int]]:
@@ -114,6 +132,7 @@ class LayerExperts:
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(n_slots, -1, np.int64)
         self.used_at = np.full(n_slots, -1, np.int64)  # empty slots (-1) are taken first
+        self.uses = np.zeros(n_experts)  # per expert, decayed (lrfu)
         self.clock = 0
         self.staged: Dict[int, Tuple[Future, int]] = {}  # expert -> (read of its run, row in the run)
 
@@ -155,6 +174,8 @@ class LayerExperts:
         hand out another expert's weights."""
         stats = self.streamer.stats
         self.clock += 1
+        self.uses *= 0.5 ** (1 / HALF_LIFE)
+        self.uses[needed] += 1
         resident = self.slot_of[needed] >= 0
         hits, misses = needed[resident], needed[~resident]
         self.used_at[self.slot_of[hits]] = self.clock
@@ -170,7 +191,8 @@ class LayerExperts:
         free = np.ones(self.n_slots, bool)
         free[self.slot_of[hits]] = False
         candidates = np.nonzero(free)[0]
-        victims = candidates[np.argsort(self.used_at[candidates], kind="stable")[: misses.size]]
+        victims = candidates[choose_victims(self.streamer.policy, self.expert_in[candidates],
+                                            self.used_at[candidates], self.uses, misses.size)]
         old = self.expert_in[victims]
         self.slot_of[old[old >= 0]] = -1
         self.expert_in[victims] = misses
