@@ -241,9 +241,10 @@ def text_tokens(n: int, vocab: int) -> np.ndarray:
 
 
 def record(path: Path, routing: str, tokens: str, decode: int, prefill: int, chunk: int, n_layers: int,
-           seed: int = 0) -> None:
+           overhead: bool = False, seed: int = 0) -> None:
     """A prompt of `prefill` tokens in chunks of `chunk`, then `decode` tokens one by one
-    (random ones, or the words that follow in the text)."""
+    (random ones, or the words that follow in the text). overhead: also decode without the
+    trace first, and print both speeds."""
     import mlx.core as mx
 
     from minimax_m3_mlx.model.expert_trace import ExpertTrace
@@ -251,19 +252,53 @@ def record(path: Path, routing: str, tokens: str, decode: int, prefill: int, chu
     model, vocab = small_model(n_layers, routing, seed)
     trace = ExpertTrace(128, 4, source=f"SYNTHETIC: a random model (128 experts, top-4, {n_layers} MoE layers), "
                                        f"{routing} routing, {tokens} tokens (expert_policies.py --record)")
-    model.record_experts(trace)
     rng = np.random.default_rng(seed + 1)
     n = max(1, prefill) + decode
     stream = rng.integers(0, vocab, n) if tokens == "random" else text_tokens(n, vocab)
     prompt, rest = stream[None, :n - decode], stream[n - decode:]
-    cache = model.make_cache()
-    t0 = time.perf_counter()
-    for a in range(0, prompt.shape[1], chunk):
-        mx.eval(model(mx.array(prompt[:, a:a + chunk]), cache=cache))
-    for i, tok in enumerate(rest.reshape(-1, 1, 1)):
-        mx.eval(model(mx.array(tok), cache=cache))
-        if (i + 1) % 100 == 0:
-            print(f"  {i + 1}/{decode} decode tokens ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    for traced in ([False, True] if overhead else [True]):  # untraced first: the same tokens, timed
+        model.record_experts(trace if traced else None)
+        cache = model.make_cache()
+        for a in range(0, prompt.shape[1], chunk):
+            mx.eval(model(mx.array(prompt[:, a:a + chunk]), cache=cache))
+        t0 = time.perf_counter()
+        for i, tok in enumerate(rest.reshape(-1, 1, 1)):
+            mx.eval(model(mx.array(tok), cache=cache))
+            if (i + 1) % 100 == 0:
+                print(f"  {i + 1}/{decode} decode tokens ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                      flush=True)
+        dt = time.perf_counter() - t0
+        print(f"decode {'with' if traced else 'without'} the trace: {decode / dt:.1f} tok/s")
+    print(f"{trace.save(path)}: {len(trace)} layer calls over {trace.step + 1} steps")
+
+
+def record_shifting(path: Path, decode: int, prefill: int, chunk: int, n_layers: int, period: int,
+                    seed: int = 0) -> None:
+    """No model: each layer's tokens choose 4 of 128 experts with Zipf weights (1/rank) over an
+    order of the experts drawn anew every `period` tokens: skewed routing whose favourites
+    change, the case where counting past uses misleads."""
+    import mlx.core as mx
+
+    from minimax_m3_mlx.model.expert_trace import ExpertTrace
+
+    E, k = 128, 4
+    rng = np.random.default_rng(seed)
+    w = 1 / np.arange(1, E + 1)
+    trace = ExpertTrace(E, k, source=f"SYNTHETIC: no model, Zipf routing whose favourites change every {period} "
+                                     f"tokens, {n_layers} layers (expert_policies.py --routing shift)")
+    sizes = [min(chunk, prefill - a) for a in range(0, prefill, chunk)] + [1] * decode
+    total = sum(sizes)
+    choices = np.empty((n_layers, total, k), np.int64)
+    for layer in range(n_layers):
+        for a in range(0, total, period):
+            p = w[rng.permutation(E)]
+            for t in range(a, min(a + period, total)):
+                choices[layer, t] = rng.choice(E, k, replace=False, p=p / p.sum())
+    done = 0
+    for n in sizes:
+        for layer in range(n_layers):
+            trace.record(layer, mx.array(choices[layer, None, done:done + n]))
+        done += n
     print(f"{trace.save(path)}: {len(trace)} layer calls over {trace.step + 1} steps")
 
 
@@ -274,8 +309,12 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--slots", help="slot counts per layer, comma-separated (default: 1/32 .. all of the bank)")
     p.add_argument("--record", metavar="FILE", help="record a trace from a small random model instead")
-    p.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
-                   help="with --record: random routers, or biased as bench_experts.py --routing zipf")
+    p.add_argument("--routing", choices=("uniform", "zipf", "shift"), default="uniform",
+                   help="with --record: random routers, biased as bench_experts.py --routing zipf, or no "
+                        "model: Zipf routing whose favourites change every --period tokens")
+    p.add_argument("--period", type=int, default=50, help="with --routing shift")
+    p.add_argument("--overhead", action="store_true",
+                   help="with --record: time the decode without the trace too (the recorder's cost)")
     p.add_argument("--tokens", choices=("random", "text"), default="random",
                    help="with --record: random tokens, or this repository's README and BENCHMARKS words")
     p.add_argument("--decode", type=int, default=400, help="with --record: decode tokens")
@@ -283,8 +322,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=512, help="with --record: prefill chunk tokens")
     p.add_argument("--layers", type=int, default=4, help="with --record: MoE layers")
     a = p.parse_args(argv)
+    if a.record and a.routing == "shift":
+        record_shifting(Path(a.record), a.decode, a.prefill, a.chunk, a.layers, a.period)
+        return 0
     if a.record:
-        record(Path(a.record), a.routing, a.tokens, a.decode, a.prefill, a.chunk, a.layers)
+        record(Path(a.record), a.routing, a.tokens, a.decode, a.prefill, a.chunk, a.layers, a.overhead)
         return 0
     if not a.trace:
         p.error("give a trace file (or --record FILE)")
