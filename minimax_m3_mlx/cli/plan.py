@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     curve = load_hit_curve(a.hit_curve) if a.hit_curve else None
     config, table, what = _source(a)
     args = ModelArgs.from_dict(config)
+    if curve is not None:
+        curve.check(args)
     if a.context > args.max_position_embeddings:
         raise ValueError(f"--context {a.context}: past the model's context of {args.max_position_embeddings} "
                          f"tokens (max_position_embeddings)")

@@ -36,6 +36,15 @@ class HitCurve:
     fractions: List[float]
     hit_rates: List[float]
     source: str
+    path: str = ""
+    routing: Optional[tuple] = None  # (experts per layer, top-k) of the traced model, where known
+
+    def check(self, args) -> None:
+        """A curve of another routing shape says nothing about this model's budgets."""
+        mine = (args.num_local_experts, args.num_experts_per_tok)
+        if self.routing is not None and self.routing != mine:
+            raise ValueError(f"--hit-curve {self.path}: traced on a model that routes {self.routing[1]} of "
+                             f"{self.routing[0]} experts; this one routes {mine[1]} of {mine[0]}")
 
     def at(self, share: float) -> float:
         """Linear between the measured budgets, from no hits at an empty pool; flat past the last."""
@@ -49,6 +58,7 @@ def load_hit_curve(path) -> HitCurve:
         points = data["curves"][POLICY]
         source = str(data.get("source") or "unknown routing")
         fractions, rates = ([float(p[i]) for p in points] for i in (0, 1))
+        routing = (int(data["n_experts"]), int(data["top_k"])) if "n_experts" in data and "top_k" in data else None
     except FileNotFoundError:
         raise ValueError(f"--hit-curve {path}: no such file") from None
     except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError, UnicodeDecodeError) as e:
@@ -58,7 +68,7 @@ def load_hit_curve(path) -> HitCurve:
             or fractions != sorted(fractions):
         raise ValueError(f"--hit-curve {path}: curves.{POLICY} needs increasing fractions in (0, 1] "
                          f"and hit rates in [0, 1]")
-    return HitCurve(fractions, rates, source)
+    return HitCurve(fractions, rates, source, str(path), routing)
 
 
 def speed(ssd_gbs: float, missed: float) -> str:

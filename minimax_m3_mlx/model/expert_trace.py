@@ -1,8 +1,8 @@
 """Routing traces: which experts each MoE layer's router chose, step by step (--expert-trace).
 
-A trace is what `scripts/expert_policies.py` replays through cache policies (LRU, the one
-LayerExperts runs, against frequency-aware ones and Belady's optimum) to get the hit rate
-that a budget of --expert-memory gives, and what `plan --hit-curve` then uses. Recording is
+A trace is what `scripts/expert_policies.py` replays through cache policies (the ones the
+pools of experts.py run, others, and Belady's optimum) to get the hit rate that a budget of
+--expert-memory gives, the curve `plan --hit-curve` then uses. Recording is
 opt-in: Model.record_experts(trace) hands each SparseMoeBlock a hook; without one the block
 pays one attribute test per call.
 

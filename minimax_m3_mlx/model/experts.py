@@ -4,8 +4,8 @@ Each MoE layer keeps `n_slots` experts in memory: the same quantised tensors as 
 SwitchGLU, with `n_slots` rows instead of one per expert. The router's choices are looked
 up in the layer's slot table; experts that are not resident are read from the folder's
 safetensors by byte range (io.reader.RangeReader: an expert is row e of each stacked
-tensor) into the slots of experts the policy lets go (POLICY, below), and the gather matmul runs
-over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
+tensor) into the slots of experts the policy lets go (POLICY, below), and the gather
+matmul runs over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
 same weights as in the resident model, so the logits are the same.
 
 A step that needs more experts than there are slots (a prefill chunk, a wide batch) runs
