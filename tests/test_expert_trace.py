@@ -225,3 +225,16 @@ def test_generate_refuses_a_trace_path_in_a_missing_folder(folder, capsys, tmp_p
     rc, _, err = _generate(capsys, folder, "--expert-trace", str(tmp_path / "nope" / "t.npz"))
     lines = [x for x in err.splitlines() if "error:" in x]
     assert rc != 0 and len(lines) == 1 and "--expert-trace" in lines[0] and "no folder" in lines[0], err
+
+
+def test_chat_saves_the_trace_of_the_whole_conversation(folder, capsys, tmp_path):
+    from minimax_m3_mlx.serving import chat
+
+    f = tmp_path / "chat.npz"
+    lines = iter(["hello", "and again", "/exit"])
+    assert chat.main(["--model", str(folder), "-m", "3", "--thinking", "disabled", "--expert-trace", str(f)],
+                     input_fn=lambda _: next(lines)) == 0
+    out = capsys.readouterr().out
+    trace = load_trace(f)
+    assert trace.source == f"minimax-m3 chat --model {folder}" and f"Expert trace: {len(trace.layer)}" in out
+    assert (trace.length > 1).sum() >= 2 * len(trace.moe_layers)  # both turns' prompts were prefilled

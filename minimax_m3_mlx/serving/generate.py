@@ -431,10 +431,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
     parser.add_argument("--video", action="append", default=[], help="a video file (repeat for more)")
     parser.add_argument("--video-fps", type=positive_float, default=1.0, help="frames per second sampled from videos")
+    add_trace_arg(parser)
+    return parser
+
+
+def add_trace_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-trace", default=None, metavar="FILE",
                         help="save the experts every MoE layer's router chose (.npz), for "
                              "scripts/expert_policies.py and `plan --hit-curve`")
-    return parser
 
 
 def media_prompt(model, tokenizer, args, messages):
@@ -513,7 +517,7 @@ def main(argv=None) -> int:
     print_stats(gen, model=model)
     if trace is not None and group.rank() == 0:
         trace.source += f": {gen.prompt_tokens} prompt tokens, {gen.generation_tokens} generated"
-        print(f"Expert trace: {len(trace)} layer calls over {trace.step + 1} steps -> {trace.save(args.expert_trace)}")
+        save_trace(trace, args)
     if args.prompt_cache_file:
         cache.save(args.prompt_cache_file, args.model)
     if group.size() > 1:
@@ -533,13 +537,18 @@ def check_trace_args(parser, args, group) -> None:
                      "record on one Mac or with --parallel tensor")
 
 
-def start_trace(model, args) -> Optional[ExpertTrace]:
+def start_trace(model, args, command: str = "generate") -> Optional[ExpertTrace]:
     if not args.expert_trace:
         return None
     a = model.args
-    trace = ExpertTrace(a.num_local_experts, a.num_experts_per_tok, source=f"minimax-m3 generate --model {args.model}")
+    trace = ExpertTrace(a.num_local_experts, a.num_experts_per_tok, source=f"minimax-m3 {command} --model {args.model}")
     model.record_experts(trace)
     return trace
+
+
+def save_trace(trace: Optional[ExpertTrace], args) -> None:
+    if trace is not None:
+        print(f"Expert trace: {len(trace)} layer calls over {trace.step + 1} steps -> {trace.save(args.expert_trace)}")
 
 
 def seed_ranks(group, seed: Optional[int]) -> None:
