@@ -302,6 +302,24 @@ def record_shifting(path: Path, decode: int, prefill: int, chunk: int, n_layers:
     print(f"{trace.save(path)}: {len(trace)} layer calls over {trace.step + 1} steps")
 
 
+def victim_cost(n: int = 20000) -> None:
+    """The pools' own victim choice (experts.choose_victims) per policy, side by side, and the
+    per-call decay and count of lrfu's use counts: 4 victims among 60 candidates of 128."""
+    import timeit
+
+    rng = np.random.default_rng(0)
+    held, used, uses = rng.permutation(128)[:60], rng.integers(0, 1000, 60), rng.random(128)
+    for p in experts.POLICIES:
+        t = timeit.timeit(lambda: experts.choose_victims(p, held, used, uses, 4), number=n) / n
+        print(f"choose_victims {p}: {t * 1e6:.1f} us")
+
+    def count():
+        uses[:] *= 0.5 ** (1 / experts.HALF_LIFE)
+        uses[held[:4]] += 1
+
+    print(f"decay and count: {timeit.timeit(count, number=n) / n * 1e6:.1f} us")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", nargs="?", help="a trace written by --expert-trace (or --record)")
@@ -321,7 +339,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=2048, help="with --record: prompt tokens")
     p.add_argument("--chunk", type=int, default=512, help="with --record: prefill chunk tokens")
     p.add_argument("--layers", type=int, default=4, help="with --record: MoE layers")
+    p.add_argument("--victim-cost", action="store_true", help="time the pools' victim choice per policy")
     a = p.parse_args(argv)
+    if a.victim_cost:
+        victim_cost()
+        return 0
     if a.record and a.routing == "shift":
         record_shifting(Path(a.record), a.decode, a.prefill, a.chunk, a.layers, a.period)
         return 0
