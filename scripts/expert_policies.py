@@ -1,9 +1,9 @@
 """Replay a routing trace (--expert-trace) through expert-cache policies: the hit rate per budget.
 
 Each MoE layer's pool of `slots` experts is simulated as model/experts.py's LayerExperts
-runs it: a call's experts, sorted and unique, in rounds of at most `slots` (a step that
-needs more experts than there are slots), empty slots filled first, the experts of a
-round never evicted by that round. Policies choose which resident expert leaves:
+runs it: a call's experts, unique, in rounds of at most `slots` (a step that needs more
+experts than there are slots), empty slots filled first, the experts of a round never
+evicted by that round. Policies choose which resident expert leaves:
 
   lru      least recently used (what LayerExperts ran first)
   lrfu     the least often used lately: counts per expert halving every experts.HALF_LIFE (16)
@@ -27,6 +27,9 @@ Hits are counted per phase: decode (one new token per row) and prefill (chunks).
       (--record: a small random model with the real routing shape (128 experts, top-4),
        routers and token embeddings as bench_experts.py sets them; random tokens, or with
        --tokens text this repository's README and BENCHMARKS words; its routing is synthetic)
+  python scripts/expert_policies.py --record shift.npz --routing shift --period 20   # no model
+  python scripts/expert_policies.py --record t.npz --overhead    # also: decode speed without the recorder
+  python scripts/expert_policies.py --victim-cost                # the pools' victim choice, timed
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def replay(trace: LoadedTrace, slots: int, policy: str, calls=None, order: str =
 
 
 def slot_range(n_experts: int, top_k: int) -> List[int]:
-    """Budgets from the least one token needs to the whole bank: about 1/16, 1/8, ... of it."""
+    """Budgets from the least one token needs to the whole bank: 1/32, 1/16, ... of it."""
     fractions = (0.03125, 0.0625, 0.09375, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     return sorted({max(top_k, round(f * n_experts)) for f in fractions})
 
@@ -360,7 +363,12 @@ def main(argv=None) -> int:
         trace = load_trace(a.trace)
     except ValueError as e:
         p.error(str(e))
-    slots = [int(s) for s in a.slots.split(",")] if a.slots else None
+    try:
+        slots = sorted({int(s) for s in a.slots.split(",")}) if a.slots else None
+    except ValueError:
+        p.error(f"--slots {a.slots}: expected slot counts such as 8,16,32")
+    if slots and not 1 <= slots[0] <= slots[-1] <= trace.n_experts:
+        p.error(f"--slots: each between 1 and the {trace.n_experts} experts of a layer")
     result = curves(trace, policies, slots)
     result["trace"] = str(a.trace)
     print(f"{a.trace}: {trace.source}; {result['moe_layers']} MoE layers, {trace.n_experts} experts, top-{trace.top_k};"

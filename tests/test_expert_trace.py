@@ -180,7 +180,8 @@ def test_plan_reads_hit_rate_and_speed_off_the_curve(capsys, tmp_path):
     ("{", "not a hit-rate curve"), ({"curves": {"other": []}}, f"needs curves.{POLICY}"),
     ({"curves": {POLICY: [[0.5, 0.2], [0.2, 0.4]]}}, "increasing fractions"),
     ({"curves": {POLICY: [[0.5, 1.2]]}}, "hit rates in [0, 1]"),
-    ({"curves": {POLICY: [[0.5, 0.6]]}, "n_experts": 16, "top_k": 2}, "routes 2 of 16 experts; this one routes 4 of 128"),
+    ({"curves": {POLICY: [[0.5, 0.6]]}, "n_experts": 16, "top_k": 2},
+     "routes 2 of 16 experts; this one routes 4 of 128"),
 ])
 def test_plan_refuses_a_bad_curve_in_one_line(capsys, tmp_path, content, expect):
     from minimax_m3_mlx import cli
