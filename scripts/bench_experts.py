@@ -21,6 +21,7 @@ DONTNEED), and every expert read drops its pages again, so every miss is read fr
   python scripts/bench_experts.py --folder /tmp/bank --layers 4 --json out.json
   python scripts/bench_experts.py --folder /tmp/bank --clean   # delete the folder afterwards
   python scripts/bench_experts.py --folder /tmp/bank --page-cache --chunk 0   # no disk: the streaming's own cost
+  python scripts/bench_experts.py --folder /tmp/bank --trace /tmp/tr   # also /tmp/tr-uniform.npz, /tmp/tr-zipf.npz
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from minimax_m3_mlx.io.reader import INDEX, RangeReader, StoredTensor, locate  #
 from minimax_m3_mlx.io.writer import encode_header, length_prefix, write_safetensors  # noqa: E402
 from minimax_m3_mlx.model import Model  # noqa: E402
 from minimax_m3_mlx.model import experts  # noqa: E402
+from minimax_m3_mlx.model.expert_trace import ExpertTrace  # noqa: E402
 from minimax_m3_mlx.model.experts import EXPERTS, PIECE, READ_THREADS  # noqa: E402
 from minimax_m3_mlx.parallel.sizing import cache_bytes  # noqa: E402
 
@@ -247,6 +249,12 @@ def one_run(a) -> dict:
     random_routers(model)
     if a.routing == "zipf":
         zipf_bias(model)
+    trace = None
+    if a.trace:  # the routing, for scripts/expert_policies.py (the same for every budget)
+        args = model.args
+        trace = ExpertTrace(args.num_local_experts, args.num_experts_per_tok,
+                            f"SYNTHETIC: bench_experts.py, a random model, {a.routing} routing, random tokens")
+        model.record_experts(trace)
     rng = np.random.default_rng(2)
     path = "direct" if isinstance(streamer.layers[0], experts.DirectLayerExperts) else "copies"
     path += f" {a.threads}x{a.piece_mb:g}MB"
@@ -276,6 +284,8 @@ def one_run(a) -> dict:
         dt = time.perf_counter() - t0
         out.update(prefill_tok_s=a.chunk / dt, prefill_gb=s.bytes_read / 1e9, prefill_read_gbs=s.bytes_read / dt / 1e9,
                    prefill_rounds=s.rounds, prefill_misses=s.misses)
+    if trace is not None:
+        trace.save(a.trace)
     nonexpert = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
     kv = sum(cache_bytes(model.args, max(16 + a.decode, a.chunk)))
     pools = streamer.n_slots * len(streamer.layers) * streamer.layers[0].expert_nbytes
@@ -320,6 +330,8 @@ def main(argv=None) -> int:
                         "without the disk")
     p.add_argument("--run-timeout", type=float, default=None, help="seconds a budget's run may take")
     p.add_argument("--json", default=None)
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="save each routing's trace as PREFIX-ROUTING.npz (for scripts/expert_policies.py)")
     p.add_argument("--clean", action="store_true", help="delete the folder afterwards")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=["auto", "direct", "copies"], default="auto",
@@ -344,11 +356,12 @@ def main(argv=None) -> int:
     rows = []
     try:
         for routing in a.routings.split(","):
-            for f in a.fractions.split(","):
+            for i, f in enumerate(a.fractions.split(",")):
                 cmd = [sys.executable, __file__, "--one", "--folder", str(folder), "--fraction", f, "--routing",
                        routing, "--decode", str(a.decode), "--chunk", str(a.chunk), "--disk-probe", str(a.disk_probe),
                        "--path", a.path, "--threads", str(a.threads), "--piece-mb", str(a.piece_mb)]
                 cmd += ["--page-cache"] if a.page_cache else []
+                cmd += ["--trace", f"{a.trace}-{routing}.npz"] if a.trace and i == 0 else []
                 try:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
                 except subprocess.TimeoutExpired:

@@ -180,6 +180,7 @@ def test_batched_decode_equals_resident(folders, path):
 
 def test_least_recently_used_expert_is_evicted(folders):
     model, _ = load_model(folders["float32"], expert_memory=3 * slot_bytes(folders["float32"]))
+    model.expert_streamer.policy = "lru"
     layer = model.expert_streamer.layers[0]
     mlp = model.layers[1].mlp.switch_mlp
     for group in ([0, 1], [2], [0], [5]):  # 1 is the least recently used when 5 arrives
@@ -190,6 +191,16 @@ def test_least_recently_used_expert_is_evicted(folders):
         t = stored[f"language_model.model.layers.1{EXPERTS}down_proj.weight"]
         np.testing.assert_array_equal(np.array(mlp.down_proj.weight[int(slot)]),
                                       np.array(mx.load(str(t.file))[t.name][e]))
+
+
+def test_lrfu_keeps_the_often_used_expert_that_lru_would_evict(folders):
+    for policy, kept in (("lru", [1, 2, 3]), ("lrfu", [0, 2, 3])):
+        model, _ = load_model(folders["float32"], expert_memory=3 * slot_bytes(folders["float32"]))
+        model.expert_streamer.policy = policy
+        layer = model.expert_streamer.layers[0]
+        for group in ([0], [0], [0], [1], [2], [3]):  # 0: used most, least recently
+            layer.ensure(model.layers[1].mlp.switch_mlp, np.array(group))
+        assert sorted(np.nonzero(layer.slot_of >= 0)[0].tolist()) == kept, policy
 
 
 def test_budget_below_one_token_is_refused_naming_the_minimum(folders):

@@ -30,7 +30,7 @@ from ..convert.recipes import (
 )
 from ..loading.sharded import inspect_checkpoint
 from ..parallel.sizing import activation_bytes, cache_bytes, rank_usage, table_from_shapes
-from .plan_experts import expert_lines
+from .plan_experts import expert_lines, load_hit_curve
 from ..weights.sharding import ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split
 
 GB = 1e9
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="index keys (default: 8 with --kv-bits, else the config's index_cache_dtype)")
     ap.add_argument("--ssd-gbs", type=positive_float, default=6.0,
                     help="the Mac's SSD read speed in GB/s, for the --expert-memory estimate (default 6)")
+    ap.add_argument("--hit-curve", metavar="FILE",
+                    help="a measured hit-rate curve (scripts/expert_policies.py --json) for the "
+                         "--expert-memory estimate; without it only uniform routing (the worst case)")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
     return ap
 
@@ -278,8 +281,11 @@ def main(argv=None) -> int:
     if min(hosts) <= a.reserve_gb:
         raise ValueError(f"--hosts {a.hosts}: a host of {min(hosts):g} GB has nothing left after --reserve-gb "
                          f"{a.reserve_gb:g}")
+    curve = load_hit_curve(a.hit_curve) if a.hit_curve else None
     config, table, what = _source(a)
     args = ModelArgs.from_dict(config)
+    if curve is not None:
+        curve.check(args)
     if a.context > args.max_position_embeddings:
         raise ValueError(f"--context {a.context}: past the model's context of {args.max_position_embeddings} "
                          f"tokens (max_position_embeddings)")
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
     if best is None and len(hosts) == 1 and plans[0].ranks:
         r = plans[0].ranks[0]
         print("\n".join(expert_lines(args, table, r.capacity / GB, r.total - sum(
-            t.nbytes for k, t in table.items() if ".mlp.switch_mlp." in k), a.ssd_gbs)))
+            t.nbytes for k, t in table.items() if ".mlp.switch_mlp." in k), a.ssd_gbs, curve)))
     return _print_recommendation(best, why)
 
 

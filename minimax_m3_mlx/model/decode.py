@@ -66,8 +66,9 @@ def pieces(layer):
         # `inputs=layer`: the graphs read the layer's current weights on every call, so
         # weights loaded or replaced after the first token are used, not stale copies.
         post = partial(_post, layer)
-        # Streamed experts read the router's choices on the host (and disk): not in a graph.
-        if getattr(layer.mlp, "streamed", None) is None:
+        # Streamed experts read the router's choices on the host (and disk), and a trace keeps
+        # them: neither can run inside a graph.
+        if getattr(layer.mlp, "streamed", None) is None and getattr(layer.mlp, "trace", None) is None:
             post = mx.compile(post, inputs=layer)
         fns = (mx.compile(partial(_pre, layer), inputs=layer), post)
         layer.__dict__["_decode_fns"] = fns

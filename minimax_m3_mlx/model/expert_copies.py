@@ -3,7 +3,7 @@
 For backends whose arrays the CPU cannot write in place (experts.writes_in_place says;
 Metal and MLX's CPU can, so DirectLayerExperts serves them). Runs of consecutive experts
 are read as one range per tensor into buffers outside the pool (at most the streamer's
-read-ahead of them), then copied into the least recently used slots, a batch at a time.
+read-ahead of them), then copied into the slots the policy frees, a batch at a time.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class CopyingLayerExperts(LayerExperts):
         return batch
 
     def _commit(self, mlp, batch: List[Tuple[RunRead, np.ndarray]], keep: np.ndarray) -> None:
-        """Wait for the batch's reads, then copy its experts into the least recently used free slots."""
+        """Wait for the batch's reads, then copy its experts into the slots the policy frees."""
         try:
             for run, _ in batch:
                 run.wait()
@@ -143,8 +143,7 @@ class CopyingLayerExperts(LayerExperts):
         for run, e in batch:
             self._release(run, used=e.size)
 
-        candidates = np.nonzero(~keep)[0]
-        victims = candidates[np.argsort(self.used_at[candidates], kind="stable")[: experts.size]]
+        victims = self.victims(np.nonzero(~keep)[0], experts.size)
         where = mx.array(victims.astype(np.uint32))
         params = dict(tree_flatten(mlp.parameters()))
         for k, t in self.tensors.items():

@@ -4,8 +4,8 @@ Each MoE layer keeps `n_slots` experts in memory: the same quantised tensors as 
 SwitchGLU, with `n_slots` rows instead of one per expert. The router's choices are looked
 up in the layer's slot table; experts that are not resident are read from the folder's
 safetensors by byte range (io.reader.RangeReader: an expert is row e of each stacked
-tensor) into the slots the least recently used experts held, and the gather matmul runs
-over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
+tensor) into the slots of experts the policy lets go (POLICY, below), and the gather
+matmul runs over the pool with the choices renumbered to slots. Every pair (token, choice) meets the
 same weights as in the resident model, so the logits are the same.
 
 Where the backend lets the CPU write an evaluated array in place (Metal's unified memory,
@@ -39,6 +39,15 @@ from ..io.reader import RangeReader, StoredTensor, to_mx
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
 READ_THREADS = 8
+# Which resident expert a miss replaces. lru: the least recently used. lrfu: the one used
+# least often lately (a count per expert that halves every HALF_LIFE calls of the layer),
+# the least recently used among equals. lrfu is the default: on skewed routing traces it
+# hits more than LRU at small budgets and on uniform ones it hits as often
+# (scripts/expert_policies.py replays traces through both; BENCHMARKS.md has the figures).
+# `plan --hit-curve` reads the curve of POLICY.
+POLICIES = ("lru", "lrfu")
+POLICY = "lrfu"
+HALF_LIFE = 16
 # Bytes per read: an expert's rows (3 x 9.4 MB and 6 x 0.6 MB at 4 bits) are split so that
 # one miss keeps several reads in flight, as an SSD needs to reach its speed.
 PIECE = 4 << 20
@@ -77,7 +86,10 @@ class ExpertStats:
 class ExpertStreamer:
     """Shared by a model's streamed layers: the reader, its threads, the counters, the layer order."""
 
-    def __init__(self, threads: Optional[int] = None, prefetch: bool = True):
+    def __init__(self, threads: Optional[int] = None, prefetch: bool = True, policy: str = POLICY):
+        if policy not in POLICIES:
+            raise ExpertMemoryError(f"expert policy {policy!r}: choose from {', '.join(POLICIES)}")
+        self.policy = policy
         self.reader = RangeReader()
         self.executor = ThreadPoolExecutor(threads or READ_THREADS, thread_name_prefix="expert-read")
         self.stats = ExpertStats()
@@ -97,6 +109,15 @@ class ExpertStreamer:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
+
+
+def choose_victims(policy: str, held: np.ndarray, used_at: np.ndarray, uses: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` slots to refill among candidates holding experts `held` (-1:
+    empty), last used at `used_at`: the empty ones first (used_at -1), then by `policy`;
+    `uses` is the decayed use count of every expert (lrfu)."""
+    if policy == "lru":
+        return np.argsort(used_at, kind="stable")[:n]
+    return np.lexsort((used_at, uses[np.maximum(held, 0)], held >= 0))[:n]
 
 
 def runs(experts: np.ndarray) -> List[Tuple[int, int]]:
@@ -130,6 +151,7 @@ class LayerExperts:
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(n_slots, -1, np.int64)
         self.used_at = np.full(n_slots, -1, np.int64)  # empty slots (-1) are taken first
+        self.uses = np.zeros(n_experts)  # per expert, decayed (lrfu)
         self.clock = 0
         self.staged: Dict[int, object] = {}  # expert -> its read in flight
 
@@ -165,12 +187,19 @@ class LayerExperts:
         """(hits, misses) of a round, counted, the hits marked as just used."""
         stats = self.streamer.stats
         self.clock += 1
+        self.uses *= 0.5 ** (1 / HALF_LIFE)
+        self.uses[needed] += 1
         resident = self.slot_of[needed] >= 0
         hits, misses = needed[resident], needed[~resident]
         self.used_at[self.slot_of[hits]] = self.clock
         stats.hits += int(hits.size)
         stats.misses += int(misses.size)
         return hits, misses
+
+    def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        """The `n` of the slots `candidates` that the streamer's policy refills first."""
+        return candidates[choose_victims(self.streamer.policy, self.expert_in[candidates],
+                                         self.used_at[candidates], self.uses, n)]
 
     def _count_reads(self, n: int) -> None:
         self.streamer.stats.reads += n
@@ -330,8 +359,7 @@ class DirectLayerExperts(LayerExperts):
         held = self.slot_of[experts]
         guard[held[held >= 0]] = True
         todo = [int(e) for e in np.unique(experts) if self.slot_of[e] < 0 and int(e) not in self.staged]
-        free = np.nonzero(~guard)[0]
-        free = free[np.argsort(self.used_at[free], kind="stable")]
+        free = self.victims(np.nonzero(~guard)[0], len(todo))
         for e, slot in zip(todo, free):
             old = self.expert_in[slot]
             if old >= 0:
@@ -349,6 +377,14 @@ class DirectLayerExperts(LayerExperts):
         hits, misses = self._count(needed)
         keep = np.zeros(self.n_slots, bool)
         keep[self.slot_of[hits]] = True
+        for e in misses:  # a read cancelled or failed in an earlier step is never waited on: read again
+            read = self.staged.get(int(e))
+            if read is not None and (read.cancelled or (read.done() and not read.succeeded())):
+                for f in read.futures:
+                    if not f.cancelled():
+                        f.exception()  # waits for what still writes into the slot
+                del self.staged[int(e)]
+                self._settle(read, False)
         left = self.stage(misses, keep)
         while left.size:  # every other slot is taken by a guess still being read: let it finish
             wanted = set(misses.tolist())

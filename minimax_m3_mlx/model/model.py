@@ -20,6 +20,7 @@ from . import batch_decode, decode, experts, vision
 from .attention import Attention
 from .cache import SparseKVCache
 from .expert_copies import CopyingLayerExperts
+from .expert_trace import ExpertTrace
 from .kvquant import DEFAULT_INDEX_BITS, QuantizedSparseKVCache
 from .collectives import Stages, all_sum
 from .layers import DenseMLP, GemmaRMSNorm
@@ -273,6 +274,14 @@ class Model(nn.Module):
             block.stream(layer)
         self.expert_streamer = streamer
         return streamer
+
+    def record_experts(self, trace: Optional[ExpertTrace]) -> None:
+        """Record every MoE layer's routing into `trace` (expert_trace.py); None stops."""
+        offset = self.language_model.model.layer_offset
+        for i, layer in enumerate(self.layers):
+            if layer.is_moe:
+                layer.mlp.trace = None if trace is None else trace.for_layer(offset + i)
+                layer.__dict__.pop("_decode_fns", None)  # decode.pieces compiles the MoE only when untraced
 
     # -- mlx-lm's contract --------------------------------------------------------------------
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:

@@ -114,9 +114,12 @@ class SparseMoeBlock(nn.Module):
         self.shared_experts = DenseMLP(args, args.shared_intermediate_size)
         self.routed_scaling_factor = args.routed_scaling_factor
         self.streamed = None  # set by stream(): the experts live on disk, a few in memory
+        self.trace = None  # set by Model.record_experts: called with the router's choices
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
+        if self.trace is not None:
+            self.trace(inds)
         y = self.switch_mlp(x, inds) if self.streamed is None else self.streamed(self.switch_mlp, x, inds)
         # Weights stay float32 until after the sum, as in the reference.
         y = (y * weights[..., None]).sum(axis=-2) * self.routed_scaling_factor

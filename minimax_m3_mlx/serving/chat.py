@@ -23,10 +23,14 @@ from .generate import (
     Printer,
     PromptCache,
     add_common_args,
+    add_trace_arg,
     apply_cache_args,
+    check_trace_args,
     chat_prompt,
     generate,
     make_cli_sampler,
+    save_trace,
+    start_trace,
 )
 from ..chat_format.markers import THINKING_MODES
 from ..loading import load
@@ -39,6 +43,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="minimax-m3 chat", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--stats", action="store_true", help="print tokens/s and memory after each reply")
+    add_trace_arg(parser)
     return parser
 
 
@@ -79,12 +84,15 @@ class ChatSession:
 
 
 def main(argv=None, input_fn=input) -> int:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    if mx.distributed.init().size() > 1:
+    group = mx.distributed.init()
+    if group.size() > 1:
         raise ValueError("chat reads the terminal on one process: under mlx.launch use `minimax-m3 generate` or "
                          "`minimax-m3 server`")
+    check_trace_args(parser, args, group)
     model, tokenizer = load(args.model, thinking=args.thinking, expert_memory=args.expert_memory)
     apply_cache_args(model, args)
     session = ChatSession(model, tokenizer, thinking=args.thinking, system_prompt=args.system_prompt,
@@ -92,6 +100,15 @@ def main(argv=None, input_fn=input) -> int:
                           prefill_step_size=args.prefill_step_size,
                           cache_options=dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                                              quantized_kv_start=args.quantized_kv_start))
+    trace = start_trace(model, args, "chat")
+    try:
+        return converse(session, args, input_fn)
+    finally:
+        save_trace(trace, args)
+
+
+def converse(session: ChatSession, args, input_fn) -> int:
+    """The turns, until /exit or the end of input."""
     printer = Printer(hide_thinking=args.hide_thinking)
     print(f"[MiniMax-M3 chat, thinking {session.thinking}; {HELP}]")
     while True:

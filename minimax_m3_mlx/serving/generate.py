@@ -41,6 +41,7 @@ from ..chat_format.markers import THINKING_MODES
 from ..chat_format.tokenizer import BareThinkEnd
 from ..chat_format.tool_parser import parse_tool_call, parse_tool_calls, unparsed_block
 from ..loading import load, resolve_path
+from ..model.expert_trace import ExpertTrace
 from ..model.kvquant import GROUP_SIZES, INDEX_BITS, KV_BITS, check_quantization
 from . import multimodal
 from .progress import PrefillProgress
@@ -430,7 +431,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
     parser.add_argument("--video", action="append", default=[], help="a video file (repeat for more)")
     parser.add_argument("--video-fps", type=positive_float, default=1.0, help="frames per second sampled from videos")
+    add_trace_arg(parser)
     return parser
+
+
+def add_trace_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expert-trace", default=None, metavar="FILE",
+                        help="save the experts every MoE layer's router chose (.npz), for "
+                             "scripts/expert_policies.py and `plan --hit-curve`")
 
 
 def media_prompt(model, tokenizer, args, messages):
@@ -465,6 +473,7 @@ def main(argv=None) -> int:
         f = Path(args.prompt_cache_file)
         if f.is_dir() or not f.parent.is_dir():
             parser.error(f"--prompt-cache-file {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
+    check_trace_args(parser, args, group)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     model, tokenizer = load(args.model, group=group, mode=args.parallel, thinking=args.thinking,
@@ -482,6 +491,7 @@ def main(argv=None) -> int:
             ids = chat_prompt(tokenizer, messages, thinking=args.thinking)
 
     apply_cache_args(model, args)
+    trace = start_trace(model, args)
     cache = PromptCache(model)
     if args.prompt_cache_file and Path(args.prompt_cache_file).exists():
         cache = PromptCache.load(args.prompt_cache_file, model, args.model)
@@ -505,11 +515,40 @@ def main(argv=None) -> int:
     if gen.context_full:
         print(f"[stopped at the context limit: {context_limit(model)} tokens]", file=sys.stderr)
     print_stats(gen, model=model)
+    if trace is not None and group.rank() == 0:
+        trace.source += f": {gen.prompt_tokens} prompt tokens, {gen.generation_tokens} generated"
+        save_trace(trace, args)
     if args.prompt_cache_file:
         cache.save(args.prompt_cache_file, args.model)
     if group.size() > 1:
         end_together(group)
     return 0
+
+
+def check_trace_args(parser, args, group) -> None:
+    """--expert-trace's file, checked before the load; a pipeline rank sees only its own layers."""
+    if not args.expert_trace:
+        return
+    f = Path(args.expert_trace)
+    if f.is_dir() or not f.parent.is_dir():
+        parser.error(f"--expert-trace {f}: " + ("a folder" if f.is_dir() else f"no folder {f.parent}"))
+    if group.size() > 1 and args.parallel != "tensor":
+        parser.error(f"--expert-trace: with --parallel {args.parallel} each Mac routes only its own layers; "
+                     "record on one Mac or with --parallel tensor")
+
+
+def start_trace(model, args, command: str = "generate") -> Optional[ExpertTrace]:
+    if not args.expert_trace:
+        return None
+    a = model.args
+    trace = ExpertTrace(a.num_local_experts, a.num_experts_per_tok, source=f"minimax-m3 {command} --model {args.model}")
+    model.record_experts(trace)
+    return trace
+
+
+def save_trace(trace: Optional[ExpertTrace], args) -> None:
+    if trace is not None:
+        print(f"Expert trace: {len(trace)} layer calls over {trace.step + 1} steps -> {trace.save(args.expert_trace)}")
 
 
 def seed_ranks(group, seed: Optional[int]) -> None:
