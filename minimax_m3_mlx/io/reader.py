@@ -213,6 +213,34 @@ class TensorReader:
         self._maps.clear()
 
 
+@dataclass(frozen=True)
+class RowSlice:
+    """Entries [start, stop) along `axis` of every row of a stacked tensor (axis 0: the row's
+    first axis, the tensor's second), in the stored dtype's units (packed words for quantized
+    weights): one rank's part of each expert under tensor parallelism."""
+
+    axis: int
+    start: int
+    stop: int
+
+    def shape(self, row_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return (*row_shape[:self.axis], self.stop - self.start, *row_shape[self.axis + 1:])
+
+    def contiguous(self, row_shape: Tuple[int, ...]) -> bool:
+        """Whether the part is one byte range inside a row (nothing but size-1 axes before it)."""
+        return int(np.prod(row_shape[:self.axis], dtype=np.int64)) == 1
+
+
+def part_nbytes(t: StoredTensor, part: Optional[RowSlice]) -> int:
+    """Bytes of one row's part (the whole row without `part`)."""
+    return t.row_nbytes if part is None else t.row_nbytes * (part.stop - part.start) // t.shape[1 + part.axis]
+
+
+def read_nbytes(t: StoredTensor, part: Optional[RowSlice]) -> int:
+    """Bytes RangeReader.read_rows reads per row for `part`: the part where it is one range, else the row."""
+    return part_nbytes(t, part) if part is not None and part.contiguous(t.shape[1:]) else t.row_nbytes
+
+
 class RangeReader:
     """Reads row ranges of tensors with `os.pread`: safe to call from many threads at once
     (no shared file position), so several expert reads can be in flight (model/experts.py)."""
@@ -230,21 +258,45 @@ class RangeReader:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
-    def read_rows(self, t: StoredTensor, rows: Tuple[int, int]) -> np.ndarray:
-        """Rows [a, b) of `t` in a fresh buffer; a file that ends early is an error naming it."""
-        n = t.rows_nbytes(rows)
-        buf = np.empty(n, np.uint8)
+    def _pread(self, t: StoredTensor, buf: memoryview, offset: int) -> None:
+        """Fill `buf` from `offset` of t's file; a file that ends early is an error naming it."""
+        n = len(buf)
         try:
-            got = os.preadv(self._fd(t.file), [memoryview(buf)], t.offset + rows[0] * t.row_nbytes) if n else 0
+            got = os.preadv(self._fd(t.file), [buf], offset) if n else 0
         except OSError as e:
             raise CheckpointError(f"{t.file}: cannot read {t.name} ({e.strerror or e})") from None
         if got != n:
             raise CheckpointError(f"{t.file}: truncated while reading {t.name} ({got} of {n} bytes)")
         if self.drop_page_cache:
-            os.posix_fadvise(self._fd(t.file), t.offset + rows[0] * t.row_nbytes, n, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd(t.file), offset, n, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += n
-        return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
+
+    def read_rows(self, t: StoredTensor, rows: Tuple[int, int], part: Optional[RowSlice] = None) -> np.ndarray:
+        """Rows [a, b) of `t` (with `part`: that part of each row) in a fresh buffer.
+
+        A part that is one range inside each row is read as one range per row; any other
+        part is sliced out of whole rows read in memory: a rank's slice of a down projection
+        (the last axis) is a short piece of every one of thousands of row vectors, pieces
+        smaller than a page that a disk would read whole pages for anyway.
+        """
+        a, b = rows
+        row_shape = t.shape[1:]
+        if part is not None and part.contiguous(row_shape):
+            unit = t.row_nbytes // row_shape[part.axis]  # bytes of one entry along the axis
+            n, skip = (part.stop - part.start) * unit, part.start * unit
+            buf = np.empty((b - a) * n, np.uint8)
+            view = memoryview(buf)
+            for i in range(b - a):
+                self._pread(t, view[i * n:(i + 1) * n], t.offset + (a + i) * t.row_nbytes + skip)
+            return buf.view(DTYPES[t.tag].numpy).reshape((b - a, *part.shape(row_shape)))
+        buf = np.empty(t.rows_nbytes(rows), np.uint8)
+        self._pread(t, memoryview(buf), t.offset + a * t.row_nbytes)
+        whole = buf.view(DTYPES[t.tag].numpy).reshape((b - a, *row_shape))
+        if part is None:
+            return whole
+        index = (slice(None),) * (1 + part.axis) + (slice(part.start, part.stop),)
+        return np.ascontiguousarray(whole[index])
 
     def close(self) -> None:
         with self._lock:

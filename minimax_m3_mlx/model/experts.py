@@ -30,7 +30,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..io.dtypes import DTYPES
-from ..io.reader import RangeReader, StoredTensor, to_mx
+from ..io.reader import RangeReader, RowSlice, StoredTensor, part_nbytes, read_nbytes, to_mx
+from ..weights.sharding import chunk_bounds, tensor_rule
 
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
@@ -98,12 +99,15 @@ class LayerExperts:
 
     `tensors` maps the switch_mlp's parameter names ("gate_proj.weight", ...) to the stored
     stacked tensors [n_experts, ...]; `router` is the layer's own router (for guesses made
-    by the layer before it).
+    by the layer before it); `parts` (tensor parallel: `rank_parts`) the part of each
+    expert's row of a tensor that this process holds, whole where absent.
     """
 
-    def __init__(self, streamer: ExpertStreamer, tensors: Dict[str, StoredTensor], n_slots: int, router):
+    def __init__(self, streamer: ExpertStreamer, tensors: Dict[str, StoredTensor], n_slots: int, router,
+                 parts: Optional[Dict[str, RowSlice]] = None):
         self.streamer = streamer
         self.tensors = tensors
+        self.parts = parts or {}
         self.router = router
         self.n_slots = n_slots
         n_experts = next(iter(tensors.values())).shape[0]
@@ -115,16 +119,26 @@ class LayerExperts:
 
     @property
     def expert_nbytes(self) -> int:
-        return sum(t.row_nbytes for t in self.tensors.values())
+        """Bytes of one slot (this process's part of one expert)."""
+        return sum(part_nbytes(t, self.parts.get(k)) for k, t in self.tensors.items())
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes read for one missed expert (io.reader.read_nbytes: whole rows where a part is strided)."""
+        return sum(read_nbytes(t, self.parts.get(k)) for k, t in self.tensors.items())
 
     def empty_pool(self) -> Dict[str, mx.array]:
         """The pool's tensors, zero until experts are read into them."""
-        return {k: mx.zeros((self.n_slots, *t.shape[1:]), DTYPES[t.tag].mlx) for k, t in self.tensors.items()}
+        return {k: mx.zeros((self.n_slots, *self._row_shape(k)), DTYPES[t.tag].mlx) for k, t in self.tensors.items()}
+
+    def _row_shape(self, k: str) -> Tuple[int, ...]:
+        part = self.parts.get(k)
+        return self.tensors[k].shape[1:] if part is None else part.shape(self.tensors[k].shape[1:])
 
     # -- reads ------------------------------------------------------------------------------------------
     def _read_run(self, a: int, b: int) -> Dict[str, np.ndarray]:
         reader = self.streamer.reader
-        return {k: reader.read_rows(t, (a, b)) for k, t in self.tensors.items()}
+        return {k: reader.read_rows(t, (a, b), self.parts.get(k)) for k, t in self.tensors.items()}
 
     def stage(self, experts: np.ndarray) -> None:
         """Start reading the experts that are neither resident nor already on their way."""
@@ -161,7 +175,7 @@ class LayerExperts:
         self.stage(misses)
         parts = [self.staged.pop(int(e)) for e in misses]
         rows = {k: np.stack([fut.result()[k][i] for fut, i in parts]) for k in self.tensors}
-        stats.bytes_read += int(misses.size) * self.expert_nbytes
+        stats.bytes_read += int(misses.size) * self.read_nbytes
 
         free = np.ones(self.n_slots, bool)
         free[self.slot_of[hits]] = False
@@ -235,14 +249,35 @@ def layer_tensors(tensors: Dict[str, StoredTensor], layer: int) -> Dict[str, Sto
     return out
 
 
+def rank_parts(tensors: Dict[str, StoredTensor], n: int, rank: int) -> Dict[str, RowSlice]:
+    """The part of each expert's row of a layer's switch_mlp tensors (`layer_tensors`) that
+    rank `rank` of `n` holds under tensor parallelism: the slices SparseMoeBlock.shard keeps
+    (gate/up: rows of the intermediate dimension; down: its last axis), by the loader's rules."""
+    out = {}
+    for k, t in tensors.items():
+        rule = tensor_rule(EXPERTS + k) if n > 1 else None
+        if rule is None:
+            continue
+        if rule.segments != 1:
+            raise ExpertMemoryError(f"--expert-memory does not run tensor parallel over fused expert "
+                                    f"tensors ({k}); convert the folder with `minimax-m3 convert`")
+        axis = rule.axis(len(t.shape))
+        (lo, hi), = chunk_bounds(t.shape[axis], 1, n, rank)
+        out[k] = RowSlice(axis - 1, lo, hi)
+    return out
+
+
 def gigabytes(n: int) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB" if n >= 1e5 else f"{n} bytes"
 
 
-def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: int) -> int:
+def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: int,
+              parts: Optional[Dict[str, RowSlice]] = None) -> int:
     """Slots per layer that `expert_memory` bytes buy (at most every expert); a budget below
-    one token's top-k experts in every layer is refused, naming the minimum."""
-    per_slot = sum(sum(t.row_nbytes for t in ts.values()) for ts in layers)  # one slot in every layer
+    one token's top-k experts in every layer is refused, naming the minimum. `parts`
+    (`rank_parts`): a tensor-parallel rank's slots hold only its part of each expert."""
+    parts = parts or {}
+    per_slot = sum(sum(part_nbytes(t, parts.get(k)) for k, t in ts.items()) for ts in layers)  # one slot per layer
     n_experts = next(iter(layers[0].values())).shape[0]
     least = top_k * per_slot
     if expert_memory < least:
