@@ -3,7 +3,7 @@
     dist_experts.py SPEC.json
 
 SPEC.json: {"folder", "out", "tokens": [[...], [...]], "chunks": [[a, b], ...], "batch": {...},
-"cases": [{"name", "mode", "memory"}]}. Each case loads this rank's part with
+"cases": [{"name", "mode", "memory", "folder" (optional)}]}. Each case loads this rank's part with
 --expert-memory `memory` (loading.sharded.load_sharded), runs a chunked prefill and
 token-by-token decode, then a batched decode, and writes this rank's logits (npz) and
 figures (json): what it streams, what it read. A case the loader refuses writes its
@@ -63,15 +63,18 @@ def figures(model) -> dict:
 
 def run_case(group, spec, case) -> dict:
     try:
-        model, _ = load_sharded(spec["folder"], group, case["mode"], expert_memory=case["memory"])
+        model, _ = load_sharded(case.get("folder", spec["folder"]), group, case["mode"], expert_memory=case["memory"])
     except ExpertMemoryError as e:
         return {"refused": str(e)}
     tokens = mx.array(spec["tokens"])
     out = {"chunked": chunked(model, tokens, spec["chunks"])}
-    after_chunked = figures(model)
+    streamed = model.expert_streamer is not None  # else the resident part, to compare with
+    after_chunked = figures(model) if streamed else {"misses": 0}
     b = spec["batch"]
     out["batched"] = batched(model, b["prompts"], mx.array(b["next"]))
     np.savez(Path(spec["out"]) / f"{case['name']}-r{group.rank()}.npz", **out)
+    if not streamed:
+        return {}
     result = figures(model)
     result["chunked_misses"] = after_chunked["misses"]
     model.expert_streamer.close()

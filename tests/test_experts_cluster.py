@@ -51,8 +51,9 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts_cluster")
     config = synthetic.tiny_config(CONFIG)
     synthetic.write_checkpoint(root / "src", config, synthetic.random_weights(config, seed=7), "original")
-    conv.convert(str(root / "src"), str(root / "q4"), quantize=True, q_bits=4, q_group_size=32, progress=False,
-                 log=lambda *a: None)
+    for name, dtype in (("q4", None), ("q4-bf16", "bfloat16")):
+        conv.convert(str(root / "src"), str(root / name), quantize=True, q_bits=4, q_group_size=32, progress=False,
+                     log=lambda *a: None, **({"dtype": dtype} if dtype else {}))
     return root / "q4"
 
 
@@ -71,24 +72,32 @@ def spec(folder):
             # pipeline: 4.5 whole-expert slots over the stage's layers: 4 (one MoE layer) or 2 (two)
             {"name": "pipeline", "mode": "pipeline", "memory": 3 * whole // 2},
             {"name": "tensor-too-small", "mode": "tensor", "memory": TOP_K * whole // 2 - 1},
+            # bf16 scales and activations: the streamed ranks against the resident ranks
+            {"name": "tensor-bf16", "mode": "tensor", "memory": 3 * whole // 2, "folder": str(folder.parent / "q4-bf16")},
+            {"name": "tensor-bf16-resident", "mode": "tensor", "memory": None, "folder": str(folder.parent / "q4-bf16")},
         ],
     }
 
 
-@pytest.fixture(scope="module")
-def runs(spec):
-    out = Path(spec["out"])
+def _launch(n, spec, out: Path):
+    """Run the worker on `n` ranks: (each rank's figures, {(case, rank): logits})."""
+    spec = dict(spec, out=str(out))
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([*launch_args(2), str(WORKER), str(out / "spec.json")], cwd=ROOT, env=env,
+    run = subprocess.run([*launch_args(n), str(WORKER), str(out / "spec.json")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "exited with code" not in run.stdout + run.stderr, \
         run.stdout[-3000:] + run.stderr[-3000:]
-    results = [json.loads((out / f"r{r}.json").read_text()) for r in (0, 1)]
+    results = [json.loads((out / f"r{r}.json").read_text()) for r in range(n)]
     logits = {(c["name"], r): dict(np.load(out / f"{c['name']}-r{r}.npz")) for c in spec["cases"]
-              for r in (0, 1) if (out / f"{c['name']}-r{r}.npz").exists()}
+              for r in range(n) if (out / f"{c['name']}-r{r}.npz").exists()}
     return results, logits
+
+
+@pytest.fixture(scope="module")
+def runs(spec):
+    return _launch(2, spec, Path(spec["out"]))
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +123,32 @@ def test_logits_equal_one_resident_process(runs, resident, mode):
         assert f["chunked_misses"] > 0
 
 
+def test_both_modes_on_four_ranks(spec, resident, folder):
+    """2 pipeline stages of 2 tensor-parallel ranks: each rank streams its slice of its stage's experts."""
+    results, logits = _launch(4, dict(spec, cases=[{"name": "both", "mode": "both", "memory": slot_bytes(folder)}]),
+                              Path(spec["out"]).parent / "out4")
+    for r in range(4):
+        for path in ("chunked", "batched"):
+            assert rel(logits["both", r][path], resident[path]) < TOL, (r, path)
+        f = results[r]["both"]
+        assert f["parts"] and f["misses"] > 0 and f["slot_nbytes"] < f["read_nbytes"]
+        _reads_are_whole_parts(f)
+        assert f["load_bytes"] == f["param_bytes"] == f["plan_bytes"] - f["plan_experts"]
+    assert results[0]["both"]["parts"] != results[1]["both"]["parts"]  # the two slices of a stage
+
+
 def _stored_layer(folder, i):
     prefix = f"language_model.model.layers.{i}{EXPERTS}"
     return {k[len(prefix):]: t for k, t in locate(folder).items() if k.startswith(prefix)}
+
+
+def test_bf16_ranks_equal_the_resident_ranks(runs):
+    """bf16 checkpoint: each rank's streamed logits are its resident tensor-parallel logits."""
+    results, logits = runs
+    for r in (0, 1):
+        for path in ("chunked", "batched"):
+            assert rel(logits["tensor-bf16", r][path], logits["tensor-bf16-resident", r][path]) < 1e-6, (r, path)
+        assert results[r]["tensor-bf16"]["rounds"] > 0 and results[r]["tensor-bf16"]["parts"]
 
 
 def _reads_are_whole_parts(f):
@@ -208,7 +240,7 @@ def test_generate_under_mlx_launch_writes_the_resident_text(folder, capsys):
     assert both.stdout.count("=" * 10) == 2  # one rank printed
     text = both.stdout.split("=" * 10)[1]
     assert text == alone.split("=" * 10)[1] and text.strip()
-    assert "Experts: 3 slots per layer" in both.stdout
+    assert "Experts: 3 slots per layer on rank 0," in both.stdout
 
 
 def test_generate_under_mlx_launch_refuses_a_small_budget_in_one_line(folder):
@@ -217,10 +249,9 @@ def test_generate_under_mlx_launch_refuses_a_small_budget_in_one_line(folder):
                                                            "--parallel", "pipeline")],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     out = run.stdout + run.stderr
-    errors = {line for line in out.splitlines() if "error:" in line}
-    assert "Traceback" not in out and len(errors) == 1, out[-3000:]
-    line = errors.pop()
-    assert line.startswith("minimax-m3 generate: error: rank ") and "below the minimum of" in line, line
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert "Traceback" not in out and len(errors) == 1, out[-3000:]  # rank 0 says it for both
+    assert errors[0].startswith("minimax-m3 generate: error: rank ") and "below the minimum of" in errors[0], errors
     codes = dict(re.findall(r"rank (\d) exited with code (-?\d+)", out))
     assert set(codes) == {"0", "1"} and set(codes.values()) <= {"1", "-15"}, out
 
