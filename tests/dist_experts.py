@@ -5,7 +5,7 @@
 SPEC.json: {"folder", "out", "tokens": [[...], [...]], "chunks": [[a, b], ...], "batch": {...},
 "cases": [{"name", "mode", "memory", "folder" (optional)}]}. Each case loads this rank's part with
 --expert-memory `memory` (loading.sharded.load_sharded), runs a chunked prefill and
-token-by-token decode, then a batched decode, and writes this rank's logits (npz) and
+token-by-token decode (also with a cache quantized to 8 bits), then a batched decode, and writes this rank's logits (npz) and
 figures (json): what it streams, what it read. A case the loader refuses writes its
 message instead.
 """
@@ -26,9 +26,9 @@ from minimax_m3_mlx.loading.sharded import load_sharded  # noqa: E402
 from minimax_m3_mlx.model.experts import ExpertMemoryError  # noqa: E402
 
 
-def chunked(model, tokens, chunks):
-    """Chunked prefill, then decode one token at a time to the end of `tokens`."""
-    cache = model.make_cache()
+def chunked(model, tokens, chunks, kv_bits=None):
+    """Chunked prefill, then decode one token at a time to the end of `tokens` (a quantized cache: --kv-bits)."""
+    cache = model.make_cache(kv_bits=kv_bits, kv_group_size=32)
     parts = [model(tokens[:, a:b], cache=cache) for a, b in chunks]
     parts += [model(tokens[:, i:i + 1], cache=cache) for i in range(chunks[-1][1], tokens.shape[1])]
     return np.array(mx.concatenate(parts, axis=1).astype(mx.float32))
@@ -70,6 +70,7 @@ def run_case(group, spec, case) -> dict:
     out = {"chunked": chunked(model, tokens, spec["chunks"])}
     streamed = model.expert_streamer is not None  # else the resident part, to compare with
     after_chunked = figures(model) if streamed else {"misses": 0}
+    out["kv8"] = chunked(model, tokens[:1], spec["chunks"], kv_bits=8)
     b = spec["batch"]
     out["batched"] = batched(model, b["prompts"], mx.array(b["next"]))
     np.savez(Path(spec["out"]) / f"{case['name']}-r{group.rank()}.npz", **out)

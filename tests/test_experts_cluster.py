@@ -1,13 +1,13 @@
-"""--expert-memory under `mlx.launch` (2 ranks on localhost), tensor and pipeline parallel.
+"""--expert-memory under `mlx.launch` (2 ranks on localhost; 4 for `both`), tensor and pipeline.
 
 A tiny model with 16 experts per layer (top-2), converted to 4 bits, loaded by each rank
-with a budget of a few slots per layer (misses, evictions and rounds happen): the chunked
-prefill, decode and batched decode logits equal one process's resident model, and each
-rank reads only its share of the experts (pipeline: its stage's layers; tensor: its
-slice of gate/up, the whole rows of down, as io.reader.RangeReader documents). One launch
-runs every in-process case; two more run `minimax-m3 generate`.
+with a budget of a few slots per layer (misses, evictions and rounds happen): the logits
+of a chunked prefill, decode (plain and --kv-bits 8 caches) and batched decode equal one
+resident process's, and each rank reads only its share of the experts (pipeline: its
+stage's layers; tensor: its slice of gate/up, the whole rows of down, as
+io.reader.RangeReader documents). One launch runs every in-process case; others run
+`both` on 4 ranks, `minimax-m3 generate` and `minimax-m3 server`.
 """
-
 from __future__ import annotations
 
 import json
@@ -105,6 +105,7 @@ def resident(folder, spec):
     model, _ = load_model(folder)
     b = spec["batch"]
     return {"chunked": chunked(model, mx.array(spec["tokens"]), CHUNKS),
+            "kv8": chunked(model, mx.array(spec["tokens"][:1]), CHUNKS, kv_bits=8),
             "batched": batched(model, b["prompts"], mx.array(b["next"]))}
 
 
@@ -116,7 +117,7 @@ def rel(a, b) -> float:
 def test_logits_equal_one_resident_process(runs, resident, mode):
     results, logits = runs
     for r in (0, 1):
-        for path in ("chunked", "batched"):
+        for path in ("chunked", "kv8", "batched"):
             assert rel(logits[mode, r][path], resident[path]) < TOL, (mode, r, path)
         f = results[r][mode]
         assert f["misses"] > 0 and f["hits"] > 0 and f["rounds"] > 0, f  # evictions, steps in rounds
@@ -146,7 +147,7 @@ def test_bf16_ranks_equal_the_resident_ranks(runs):
     """bf16 checkpoint: each rank's streamed logits are its resident tensor-parallel logits."""
     results, logits = runs
     for r in (0, 1):
-        for path in ("chunked", "batched"):
+        for path in ("chunked", "kv8", "batched"):
             assert rel(logits["tensor-bf16", r][path], logits["tensor-bf16-resident", r][path]) < 1e-6, (r, path)
         assert results[r]["tensor-bf16"]["rounds"] > 0 and results[r]["tensor-bf16"]["parts"]
 
