@@ -8,6 +8,7 @@ stage's layers; tensor: its slice of gate/up, the whole rows of down, as
 io.reader.RangeReader documents). One launch runs every in-process case; others run
 `both` on 4 ranks, `minimax-m3 generate` and `minimax-m3 server`.
 """
+
 from __future__ import annotations
 
 import json
