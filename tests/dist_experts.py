@@ -3,11 +3,11 @@
     dist_experts.py SPEC.json
 
 SPEC.json: {"folder", "out", "tokens": [[...], [...]], "chunks": [[a, b], ...], "batch": {...},
-"cases": [{"name", "mode", "memory", "folder" (optional)}]}. Each case loads this rank's part with
---expert-memory `memory` (loading.sharded.load_sharded), runs a chunked prefill and
-token-by-token decode (also with a cache quantized to 8 bits), then a batched decode, and writes this rank's logits (npz) and
-figures (json): what it streams, what it read. A case the loader refuses writes its
-message instead.
+"cases": [{"name", "mode", "memory", "folder" (optional)}]}. Each case loads this rank's
+part with --expert-memory `memory` (loading.sharded.load_sharded; None: resident), runs a
+chunked prefill and token-by-token decode (also with a cache quantized to 8 bits), then a
+batched decode, and writes this rank's logits (npz) and figures (json): what it streams,
+what it read. A case the loader refuses writes its message instead.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def figures(model) -> dict:
 
 def run_case(group, spec, case) -> dict:
     try:
-        model, _ = load_sharded(case.get("folder", spec["folder"]), group, case["mode"], expert_memory=case["memory"])
+        folder = case.get("folder", spec["folder"])
+        model, _ = load_sharded(folder, group, case["mode"], expert_memory=case["memory"])
     except ExpertMemoryError as e:
         return {"refused": str(e)}
     tokens = mx.array(spec["tokens"])

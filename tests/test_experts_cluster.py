@@ -61,7 +61,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spec(folder):
     rng = np.random.default_rng(2)
-    whole = slot_bytes(folder)
+    whole, bf16 = slot_bytes(folder), str(folder.parent / "q4-bf16")
     return {
         "folder": str(folder), "out": str(folder.parent / "out"),
         "tokens": rng.integers(0, 256, (2, SEQ)).tolist(), "chunks": CHUNKS,
@@ -74,8 +74,8 @@ def spec(folder):
             {"name": "pipeline", "mode": "pipeline", "memory": 3 * whole // 2},
             {"name": "tensor-too-small", "mode": "tensor", "memory": TOP_K * whole // 2 - 1},
             # bf16 scales and activations: the streamed ranks against the resident ranks
-            {"name": "tensor-bf16", "mode": "tensor", "memory": 3 * whole // 2, "folder": str(folder.parent / "q4-bf16")},
-            {"name": "tensor-bf16-resident", "mode": "tensor", "memory": None, "folder": str(folder.parent / "q4-bf16")},
+            {"name": "tensor-bf16", "mode": "tensor", "memory": 3 * whole // 2, "folder": bf16},
+            {"name": "tensor-bf16-resident", "mode": "tensor", "memory": None, "folder": bf16},
         ],
     }
 
@@ -215,7 +215,8 @@ def test_range_reader_reads_row_parts(folder):
         np.testing.assert_array_equal(got, whole[index])
         assert reader.bytes_read - before == 4 * read_nbytes(t, part)
         assert got.nbytes == 4 * part_nbytes(t, part)
-    assert read_nbytes(t, RowSlice(0, 16, 48)) == t.row_nbytes // 2 and read_nbytes(t, RowSlice(1, 1, 2)) == t.row_nbytes
+    assert read_nbytes(t, RowSlice(0, 16, 48)) == t.row_nbytes // 2  # its rows
+    assert read_nbytes(t, RowSlice(1, 1, 2)) == t.row_nbytes  # strided: the whole row
     reader.close()
 
 
