@@ -100,8 +100,16 @@ def _run(prog: str, module_name: str, argv, verbose: bool) -> int:
     except Exception as e:  # SystemExit (argparse, --help) passes through
         if verbose:
             traceback.print_exc()
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        if not (getattr(e, "every_rank", False) and _rank() != 0):  # else rank 0 says it for every rank
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 1
+
+
+def _rank() -> int:
+    """This process's rank under mlx.launch (0 alone)."""
+    import mlx.core as mx
+
+    return mx.distributed.init().rank()
 
 
 if __name__ == "__main__":

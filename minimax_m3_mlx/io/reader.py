@@ -213,6 +213,46 @@ class TensorReader:
         self._maps.clear()
 
 
+@dataclass(frozen=True)
+class RowSlice:
+    """Entries [start, stop) along `axis` of every row of a stacked tensor (axis 0: the row's
+    first axis, the tensor's second), in the stored dtype's units (packed words for quantized
+    weights): one rank's part of each expert under tensor parallelism."""
+
+    axis: int
+    start: int
+    stop: int
+
+    def shape(self, row_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return (*row_shape[:self.axis], self.stop - self.start, *row_shape[self.axis + 1:])
+
+    def contiguous(self, row_shape: Tuple[int, ...]) -> bool:
+        """Whether the part is one byte range inside a row (nothing but size-1 axes before it)."""
+        return int(np.prod(row_shape[:self.axis], dtype=np.int64)) == 1
+
+
+def part_nbytes(t: StoredTensor, part: Optional[RowSlice]) -> int:
+    """Bytes of one row's part (the whole row without `part`)."""
+    return t.row_nbytes if part is None else t.row_nbytes * (part.stop - part.start) // t.shape[1 + part.axis]
+
+
+def part_span(t: StoredTensor, part: Optional[RowSlice]) -> Optional[Tuple[int, int]]:
+    """(byte offset, bytes) of a row's part inside the row where it is one range (the whole
+    row without `part`); None for a strided part."""
+    if part is None:
+        return 0, t.row_nbytes
+    if not part.contiguous(t.shape[1:]):
+        return None
+    unit = t.row_nbytes // t.shape[1 + part.axis]  # bytes of one entry along the axis
+    return part.start * unit, (part.stop - part.start) * unit
+
+
+def read_nbytes(t: StoredTensor, part: Optional[RowSlice]) -> int:
+    """Bytes read per row for `part`: the part where it is one range, else the whole row."""
+    span = part_span(t, part)
+    return t.row_nbytes if span is None else span[1]
+
+
 class RangeReader:
     """Reads row ranges of tensors with `os.pread`: safe to call from many threads at once
     (no shared file position), so several expert reads can be in flight (model/experts.py)."""
@@ -230,17 +270,12 @@ class RangeReader:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
-    def read_rows(self, t: StoredTensor, rows: Tuple[int, int]) -> np.ndarray:
-        """Rows [a, b) of `t` in a fresh buffer; a file that ends early is an error naming it."""
-        buf = np.empty((rows[1] - rows[0], t.row_nbytes), np.uint8)
-        self.read_rows_into(t, rows, buf)
-        return buf.view(DTYPES[t.tag].numpy).reshape((rows[1] - rows[0], *t.shape[1:]))
-
-    def read_rows_into(self, t: StoredTensor, rows: Tuple[int, int], buf: np.ndarray) -> None:
-        """Rows [a, b) of `t` into `buf` (contiguous, their size in bytes): no staging copy."""
-        n = t.rows_nbytes(rows)
-        assert buf.nbytes == n and buf.flags.c_contiguous
-        view, start, got = memoryview(buf.reshape(-1)), t.offset + rows[0] * t.row_nbytes, 0
+    def read_at(self, t: StoredTensor, offset: int, buf: np.ndarray) -> None:
+        """buf.nbytes bytes of `t` from byte `offset` of its data into `buf` (contiguous): no
+        staging copy. A file that ends early, or cannot be read, is an error naming it."""
+        n = buf.nbytes
+        assert buf.flags.c_contiguous
+        view, start, got = memoryview(buf.reshape(-1)).cast("B"), t.offset + offset, 0
         try:
             while got < n:  # a read may return less than asked (Linux: at most ~2 GB at once)
                 step = os.preadv(self._fd(t.file), [view[got:]], start + got)
@@ -255,6 +290,40 @@ class RangeReader:
             os.posix_fadvise(self._fd(t.file), start, n, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += n
+
+    def read_rows_into(self, t: StoredTensor, rows: Tuple[int, int], buf: np.ndarray) -> None:
+        """Rows [a, b) of `t` into `buf` (contiguous, their size in bytes)."""
+        assert buf.nbytes == t.rows_nbytes(rows)
+        self.read_at(t, rows[0] * t.row_nbytes, buf)
+
+    def read_part_into(self, t: StoredTensor, row: int, part: Optional[RowSlice], buf: np.ndarray) -> None:
+        """Row `row`'s part (all of it without `part`) into `buf` (contiguous, its size in bytes).
+
+        A part that is one range inside the row is read as that range; any other part is
+        sliced out of the whole row read in memory: a rank's slice of a down projection
+        (the last axis) is a short piece of every one of thousands of row vectors, pieces
+        smaller than a page that a disk would read whole pages for anyway."""
+        span = part_span(t, part)
+        if span is not None:
+            self.read_at(t, row * t.row_nbytes + span[0], buf)
+            return
+        whole = np.empty(t.row_nbytes, np.uint8)
+        self.read_at(t, row * t.row_nbytes, whole)
+        typed = whole.view(DTYPES[t.tag].numpy).reshape(t.shape[1:])
+        index = (slice(None),) * part.axis + (slice(part.start, part.stop),)
+        buf.reshape(-1).view(np.uint8)[:] = np.ascontiguousarray(typed[index]).reshape(-1).view(np.uint8)
+
+    def read_rows(self, t: StoredTensor, rows: Tuple[int, int], part: Optional[RowSlice] = None) -> np.ndarray:
+        """Rows [a, b) of `t` (with `part`: that part of each row) in a fresh buffer."""
+        a, b = rows
+        shape = t.shape[1:] if part is None else part.shape(t.shape[1:])
+        buf = np.empty((b - a, part_nbytes(t, part)), np.uint8)
+        if part is None:
+            self.read_rows_into(t, rows, buf)
+        else:
+            for i in range(b - a):
+                self.read_part_into(t, a + i, part, buf[i])
+        return buf.view(DTYPES[t.tag].numpy).reshape((b - a, *shape))
 
     def close(self) -> None:
         with self._lock:

@@ -14,9 +14,9 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..chat_format.tokenizer import configure_tokenizer
 from ..io import CheckpointError
-from ..model.experts import ExpertMemoryError
-from .checkpoint import check_folder, get_model_classes, load_model, resolve_path, tokenizer_problem
-from .sharded import load_sharded
+from . import checkpoint
+from .checkpoint import get_model_classes, load_model, resolve_path, tokenizer_problem
+from .sharded import check_experts, load_sharded
 
 __all__ = ["load", "load_model", "load_sharded", "get_model_classes", "resolve_path", "check_folder"]
 
@@ -37,12 +37,11 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
 
     expert_memory: bytes of routed experts held in memory (or "auto": what is left after
     the rest of the model, a 32K-token KV cache and a 10% margin); the others are read
-    from the folder's files as the router picks them (streamed.py). One process only.
+    from the folder's files as the router picks them (streamed.py); under a group, each
+    rank's own budget for the experts it holds.
     """
     if group is not None and group.size() > 1:
-        if expert_memory is not None:
-            raise ExpertMemoryError("--expert-memory runs on one process for now, not under mlx.launch")
-        model, config = load_sharded(path, group, mode, tensor)
+        model, config = load_sharded(path, group, mode, tensor, expert_memory=expert_memory)
     else:
         model, config = load_model(path, lazy=lazy, expert_memory=expert_memory)
     path = resolve_path(path)
@@ -53,3 +52,14 @@ def load(path: str | Path, lazy: bool = False, tokenizer_config: Optional[dict] 
     eos = [eos] if isinstance(eos, int) else eos
     tokenizer = load_tokenizer(path, tokenizer_config or {}, eos_token_ids=eos)
     return model, configure_tokenizer(tokenizer, thinking=thinking)
+
+
+def check_folder(path: Path, expert_memory: Optional[Union[int, str]] = None, *, group=None,
+                 mode: str = "tensor", tensor: Optional[int] = None) -> None:
+    """What makes a folder unloadable, from its config and file headers alone (checkpoint.check_folder);
+    under a group of several ranks, --expert-memory as this rank's part of the model takes it."""
+    if group is None or group.size() == 1:
+        return checkpoint.check_folder(path, expert_memory)
+    checkpoint.check_folder(path)
+    if expert_memory is not None:
+        check_experts(path, group, mode, tensor, expert_memory=expert_memory)

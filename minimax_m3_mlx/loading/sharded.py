@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,13 +25,15 @@ from ..io.reader import StoredTensor, TensorReader, locate, placeholder
 from ..model.collectives import make_groups
 from ..parallel.sizing import RankUsage, plan_layout, rank_usage
 from ..weights.quant import quant_block
-from ..weights.sanitize import DROPPED_PREFIXES, sanitize, vision_tensors
+from ..weights.sanitize import DROPPED_PREFIXES, rename, sanitize, vision_tensors
 from ..weights.sharding import (
     ShardingError, TensorInfo, check_pipeline, check_tensor_parallel, default_split, is_embedding, layer_of,
     renumber_layer, split_name, table_from_arrays, take_slice, tensor_rule,
 )
 from ..weights.vision_names import VISION_PREFIXES
+from ..model.experts import EXPERTS
 from .checkpoint import check_weights, prepare_model, read_config, resolve_path
+from .streamed import check_ranks
 
 
 def _source_block(config: dict, part: str, axis_is_last: bool) -> int:
@@ -106,6 +108,7 @@ class LoadStats:
     full_table: Dict[str, TensorInfo] = field(repr=False, default_factory=dict)
     seconds: float = 0.0
     vision_bytes: int = 0  # of the vision tower's parameters, on the ranks that hold it (_load_vision)
+    expert_pool_bytes: int = 0  # --expert-memory: the slot pools' (param_bytes and bytes_read leave them out)
 
 
 def _wanted(stored: Dict[str, StoredTensor], usage: RankUsage) -> Dict[int, List[str]]:
@@ -168,28 +171,57 @@ def _load_vision(model, tower: Optional[Dict[str, Any]], args, stored, keep: boo
     return sum(v.nbytes for _, v in tree_flatten(vision.parameters()))
 
 
+def _layout(ck: CheckpointInfo, n: int, mode: str, tensor: Optional[int], split):
+    """(tensor size, pipeline size, layers per stage), checked against the model."""
+    T, P = plan_layout(n, mode, tensor)
+    check_tensor_parallel(ck.args, ck.table, T)
+    check_pipeline(ck.args.num_hidden_layers, P, split)
+    return T, P, list(split) if split is not None else default_split(ck.args, ck.table, P)
+
+
+def _expert_budget(ck: CheckpointInfo, n, rank, T, P, split, expert_memory) -> Optional[int]:
+    """This rank's --expert-memory bytes, every rank's checked (streamed.check_ranks); None: not streamed."""
+    if expert_memory is None:
+        return None
+    usages = [rank_usage(ck.args, ck.table, T, P, r, split) for r in range(n)]
+    return check_ranks(ck.args, {rename(k): t for k, t in ck.stored.items()}, usages, rank, T, expert_memory)
+
+
+def check_experts(path, group, mode: str = "tensor", tensor: Optional[int] = None,
+                  split: Optional[Sequence[int]] = None, expert_memory=None) -> None:
+    """What load_sharded(..., expert_memory=) would refuse on this rank, from the headers
+    alone (the server checks before it listens)."""
+    ck = inspect_checkpoint(path)
+    T, P, split = _layout(ck, group.size(), mode, tensor, split)
+    _expert_budget(ck, group.size(), group.rank(), T, P, split, expert_memory)
+
+
 def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] = None,
-                 split: Optional[Sequence[int]] = None):
+                 split: Optional[Sequence[int]] = None, expert_memory: Optional[Union[int, str]] = None):
     """Load this rank's part of a checkpoint folder (any layout checkpoint.load_model reads).
 
     mode: "tensor" (tensor parallel over all ranks), "pipeline" (one stage per rank) or
     "both" (`tensor` ranks per stage, default 2). Returns (model, config); the model's
-    `load_stats` says what was read. All checks (heads, divisibility, layers per stage)
-    run from the config and the safetensors headers before any tensor is read.
+    `load_stats` says what was read. All checks (heads, divisibility, layers per stage,
+    every rank's expert budget) run from the config and the safetensors headers before any
+    tensor is read.
+
+    expert_memory: this rank's bytes (or "auto") of routed experts in memory (streamed.py);
+    its experts are not read now but streamed: its stage's, its slice of each.
     """
     t0 = time.perf_counter()
     group = group or mx.distributed.init()
     n, rank = group.size(), group.rank()
-    T, P = plan_layout(n, mode, tensor)
     ck = inspect_checkpoint(path)
     config, args, stored, table, model = ck.config, ck.args, ck.stored, ck.table, ck.model
     # The tower is set aside while the text model is split and loaded (_load_vision).
     tower = {name: model.pop(name) for name in ("vision_tower", "multi_modal_projector")} if model.has_vision else None
-    check_tensor_parallel(args, table, T)
-    check_pipeline(args.num_hidden_layers, P, split)
-    split = list(split) if split is not None else default_split(args, table, P)
+    T, P, split = _layout(ck, n, mode, tensor, split)
     usage = rank_usage(args, table, T, P, rank, split)
     by_layer = _wanted(stored, usage)
+    budget = _expert_budget(ck, n, rank, T, P, split, expert_memory)
+    if budget is not None:
+        by_layer = {i: [k for k in names if EXPERTS not in rename(k)] for i, names in by_layer.items()}
     _check_source_slices(config, stored, [k for names in by_layer.values() for k in names], T)
     reader = TensorReader()
     weights = _read_weights(args, stored, by_layer, T, rank % T, reader)
@@ -203,18 +235,22 @@ def load_sharded(path, group=None, mode: str = "tensor", tensor: Optional[int] =
     start = usage.layers[0]
     if stages is not None and start:
         weights = {renumber_layer(k, -start): v for k, v in weights.items()}
+    if budget is not None:
+        model.stream_experts({rename(k): t for k, t in stored.items() if EXPERTS in rename(k)}, budget)
+        weights.update((k, v) for k, v in tree_flatten(model.parameters()) if EXPERTS in k)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     mx.eval(model.parameters())
     model.eval()
-    param_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    if param_bytes != usage.weight_bytes:
-        raise CheckpointError(
-            f"rank {rank}: loaded {param_bytes} parameter bytes, the plan says {usage.weight_bytes}"
-        )
+    params = dict(tree_flatten(model.parameters()))
+    pools = sum(v.nbytes for k, v in params.items() if EXPERTS in k) if budget is not None else 0
+    param_bytes = sum(v.nbytes for v in params.values()) - pools
+    expected = usage.weight_bytes - (usage.expert_bytes if budget is not None else 0)  # streamed: not loaded
+    if param_bytes != expected:
+        raise CheckpointError(f"rank {rank}: loaded {param_bytes} parameter bytes, the plan says {expected}")
     vision_bytes = _load_vision(model, tower, args, stored, usage.embed)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # everyone is ready
     model.load_stats = LoadStats(rank, T, P, usage.layers, reader.bytes_read, param_bytes, usage, table,
-                                 time.perf_counter() - t0, vision_bytes)
+                                 time.perf_counter() - t0, vision_bytes, pools)
     return model, config

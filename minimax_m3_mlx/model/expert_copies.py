@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..io.dtypes import DTYPES
-from ..io.reader import to_mx
+from ..io.reader import part_nbytes, to_mx
 from . import experts as base
 from .experts import LayerExperts, runs
 
@@ -28,11 +28,17 @@ class RunRead:
 
     def __init__(self, layer: "CopyingLayerExperts", a: int, b: int):
         self.a, self.b = a, b
-        self.rows = {k: np.empty((b - a, t.row_nbytes), np.uint8) for k, t in layer.tensors.items()}
+        self.rows = {k: np.empty((b - a, part_nbytes(t, layer.parts.get(k))), np.uint8)
+                     for k, t in layer.tensors.items()}
         self.nbytes = (b - a) * layer.expert_nbytes
         reader, pool = layer.streamer.reader, layer.streamer.executor
         self.futures: List[Future] = []
         for k, t in layer.tensors.items():
+            part = layer.parts.get(k)
+            if part is not None:  # a rank's part of each row: one read (or sliced row) per expert
+                self.futures += [pool.submit(reader.read_part_into, t, r, part, self.rows[k][r - a])
+                                 for r in range(a, b)]
+                continue
             step = max(1, base.PIECE // max(1, t.row_nbytes))
             for r in range(a, b, step):
                 s = min(b, r + step)
@@ -139,7 +145,7 @@ class CopyingLayerExperts(LayerExperts):
         for k, t in self.tensors.items():
             parts = [run.rows[k] if e.size == run.b - run.a else run.rows[k][e - run.a] for run, e in batch]
             flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            rows[k] = flat.view(DTYPES[t.tag].numpy).reshape(experts.size, *t.shape[1:])
+            rows[k] = flat.view(DTYPES[t.tag].numpy).reshape(experts.size, *self.row_shape(k))
         for run, e in batch:
             self._release(run, used=e.size)
 

@@ -34,7 +34,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..io.dtypes import DTYPES
-from ..io.reader import RangeReader, StoredTensor, to_mx
+from ..io.reader import RangeReader, RowSlice, StoredTensor, part_nbytes, part_span, read_nbytes
+from ..weights.sharding import chunk_bounds, tensor_rule
 
 # The switch_mlp tensors are what the pool holds; the rest of each MoE block stays resident.
 EXPERTS = ".mlp.switch_mlp."
@@ -136,15 +137,19 @@ class LayerExperts:
 
     `tensors` maps the switch_mlp's parameter names ("gate_proj.weight", ...) to the stored
     stacked tensors [n_experts, ...]; `router` is the layer's own router (for guesses made
-    by the layer before it). Subclasses say how a miss gets into the pool: `stage` starts
-    reads, `ensure` makes a round's experts resident, `drop_staged` ends a step's guesses.
+    by the layer before it); `parts` (tensor parallel: `rank_parts`) the part of each
+    expert's row of a tensor that this process holds, whole where absent. Subclasses say
+    how a miss gets into the pool: `stage` starts reads, `ensure` makes a round's experts
+    resident, `drop_staged` ends a step's guesses.
     """
 
     guess_share = 1.0  # of the slots that the previous layer's guess may take
 
-    def __init__(self, streamer: ExpertStreamer, tensors: Dict[str, StoredTensor], n_slots: int, router):
+    def __init__(self, streamer: ExpertStreamer, tensors: Dict[str, StoredTensor], n_slots: int, router,
+                 parts: Optional[Dict[str, RowSlice]] = None):
         self.streamer = streamer
         self.tensors = tensors
+        self.parts = parts or {}
         self.router = router
         self.n_slots = n_slots
         n_experts = next(iter(tensors.values())).shape[0]
@@ -157,11 +162,21 @@ class LayerExperts:
 
     @property
     def expert_nbytes(self) -> int:
-        return sum(t.row_nbytes for t in self.tensors.values())
+        """Bytes of one slot (this process's part of one expert)."""
+        return sum(part_nbytes(t, self.parts.get(k)) for k, t in self.tensors.items())
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes read for one missed expert (io.reader.read_nbytes: whole rows where a part is strided)."""
+        return sum(read_nbytes(t, self.parts.get(k)) for k, t in self.tensors.items())
 
     def empty_pool(self) -> Dict[str, mx.array]:
         """The pool's tensors, zero until experts are read into them."""
-        return {k: mx.zeros((self.n_slots, *t.shape[1:]), DTYPES[t.tag].mlx) for k, t in self.tensors.items()}
+        return {k: mx.zeros((self.n_slots, *self.row_shape(k)), DTYPES[t.tag].mlx) for k, t in self.tensors.items()}
+
+    def row_shape(self, k: str) -> Tuple[int, ...]:
+        part = self.parts.get(k)
+        return self.tensors[k].shape[1:] if part is None else part.shape(self.tensors[k].shape[1:])
 
     def round_size(self) -> int:
         """Experts per round when a step needs more than there are slots."""
@@ -203,7 +218,7 @@ class LayerExperts:
 
     def _count_reads(self, n: int) -> None:
         self.streamer.stats.reads += n
-        self.streamer.stats.bytes_read += n * self.expert_nbytes
+        self.streamer.stats.bytes_read += n * self.read_nbytes
 
     # -- the layer's routed experts -----------------------------------------------------------------------
     def __call__(self, mlp, x: mx.array, inds: mx.array) -> mx.array:
@@ -259,12 +274,16 @@ class SlotRead:
         reader, pool = layer.streamer.reader, layer.streamer.executor
         self.futures: List[Future] = []
         for k, t in layer.tensors.items():
-            row = layer.views[k][slot * t.row_nbytes:(slot + 1) * t.row_nbytes]
-            for a in range(0, t.row_nbytes, PIECE):
-                b = min(t.row_nbytes, a + PIECE)
-                part = StoredTensor(t.name, t.file, "U8", (b - a,), t.offset + expert * t.row_nbytes + a, b - a)
-                self.futures.append(pool.submit(reader.read_rows_into, part, (0, b - a),
-                                                np.frombuffer(row[a:b], np.uint8)))
+            part = layer.parts.get(k)
+            n = part_nbytes(t, part)
+            dest = np.frombuffer(layer.views[k][slot * n:(slot + 1) * n], np.uint8)
+            span = part_span(t, part)
+            if span is None:  # a strided part: sliced out of the whole row
+                self.futures.append(pool.submit(reader.read_part_into, t, expert, part, dest))
+                continue
+            start = expert * t.row_nbytes + span[0]
+            for a in range(0, n, PIECE):
+                self.futures.append(pool.submit(reader.read_at, t, start + a, dest[a:a + PIECE]))
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)
@@ -296,8 +315,8 @@ class DirectLayerExperts(LayerExperts):
 
     guess_share = 0.5
 
-    def __init__(self, streamer, tensors, n_slots, router):
-        super().__init__(streamer, tensors, n_slots, router)
+    def __init__(self, streamer, tensors, n_slots, router, parts=None):
+        super().__init__(streamer, tensors, n_slots, router, parts)
         self.views: Dict[str, memoryview] = {}
         self.addresses: Dict[str, int] = {}
         self.pending: Optional[mx.array] = None
@@ -439,10 +458,31 @@ def gigabytes(n: int) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB" if n >= 1e5 else f"{n} bytes"
 
 
-def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: int) -> int:
+def rank_parts(tensors: Dict[str, StoredTensor], n: int, rank: int) -> Dict[str, RowSlice]:
+    """The part of each expert's row of a layer's switch_mlp tensors (`layer_tensors`) that
+    rank `rank` of `n` holds under tensor parallelism: the slices SparseMoeBlock.shard keeps
+    (gate/up: rows of the intermediate dimension; down: its last axis), by the loader's rules."""
+    out = {}
+    for k, t in tensors.items():
+        rule = tensor_rule(EXPERTS + k) if n > 1 else None
+        if rule is None:
+            continue
+        if rule.segments != 1:
+            raise ExpertMemoryError(f"--expert-memory does not run tensor parallel over fused expert "
+                                    f"tensors ({k}); convert the folder with `minimax-m3 convert`")
+        axis = rule.axis(len(t.shape))
+        (lo, hi), = chunk_bounds(t.shape[axis], 1, n, rank)
+        out[k] = RowSlice(axis - 1, lo, hi)
+    return out
+
+
+def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: int,
+              parts: Optional[Dict[str, RowSlice]] = None) -> int:
     """Slots per layer that `expert_memory` bytes buy (at most every expert); a budget below
-    one token's top-k experts in every layer is refused, naming the minimum."""
-    per_slot = sum(sum(t.row_nbytes for t in ts.values()) for ts in layers)  # one slot in every layer
+    one token's top-k experts in every layer is refused, naming the minimum. `parts`
+    (`rank_parts`): a tensor-parallel rank's slots hold only its part of each expert."""
+    parts = parts or {}
+    per_slot = sum(sum(part_nbytes(t, parts.get(k)) for k, t in ts.items()) for ts in layers)  # one slot per layer
     n_experts = next(iter(layers[0].values())).shape[0]
     least = top_k * per_slot
     if expert_memory < least:

@@ -251,25 +251,27 @@ class Model(nn.Module):
         """Keep the routed experts on disk and `expert_memory` bytes of them in per-layer slot pools.
 
         `tensors`: where the checkpoint stores each switch_mlp tensor (io.reader.locate), in
-        this model's names; after pipeline() only this stage's layers are streamed. Call it
-        before loading the other weights: the pools replace the experts' parameters.
+        this model's names; after pipeline() only this stage's layers are streamed, after
+        shard() only this rank's slice of every expert (experts.rank_parts): `expert_memory`
+        is this process's budget. Call it before loading the other weights: the pools
+        replace the experts' parameters.
         direct: read misses straight into the pools (default: where the backend allows it,
         experts.writes_in_place); False copies through buffers (expert_copies.py).
         """
-        if self.tensor_group is not None:
-            raise experts.ExpertMemoryError("--expert-memory does not run tensor parallel yet (use pipeline)")
         offset = self.language_model.model.layer_offset
         moe = [(offset + i, layer.mlp) for i, layer in enumerate(self.layers) if layer.is_moe]
         if not moe:
             raise experts.ExpertMemoryError("--expert-memory: this model has no routed experts")
         stored = [experts.layer_tensors(tensors, i) for i, _ in moe]
-        n_slots = experts.slots_for(expert_memory, stored, self.args.num_experts_per_tok)
+        group = self.tensor_group
+        parts = experts.rank_parts(stored[0], group.size(), group.rank()) if group is not None else None
+        n_slots = experts.slots_for(expert_memory, stored, self.args.num_experts_per_tok, parts)
         streamer = experts.ExpertStreamer(prefetch=prefetch)
         streamer.read_ahead = experts.read_ahead_bytes(n_slots, stored, self.args.num_experts_per_tok)
         direct = experts.writes_in_place() if direct is None else direct
         kind = experts.DirectLayerExperts if direct else CopyingLayerExperts
         for t, (_, block) in zip(stored, moe):
-            layer = kind(streamer, t, n_slots, block.gate)
+            layer = kind(streamer, t, n_slots, block.gate, parts)
             streamer.layers.append(layer)
             block.stream(layer)
         self.expert_streamer = streamer

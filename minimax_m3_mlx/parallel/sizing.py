@@ -15,6 +15,7 @@ import numpy as np
 
 from ..io.dtypes import DTYPES
 from ..model import msa
+from ..model.experts import EXPERTS
 from ..sizes import cache_step, ceil_div
 from ..weights.sharding import (
     ShardingError, TensorInfo, default_split, is_embedding, layer_of, local_shape, split_name, stage_layers,
@@ -42,6 +43,7 @@ class RankUsage:
     replicated_bytes: int  # whole tensors this rank holds
     sharded_bytes: int  # its slices of tensor-parallel tensors
     embed: bool
+    expert_bytes: int = 0  # of weight_bytes, the routed experts' (what --expert-memory streams instead)
 
 
 def rank_usage(args, table: Dict[str, TensorInfo], tensor: int, pipeline: int, rank: int,
@@ -52,7 +54,7 @@ def rank_usage(args, table: Dict[str, TensorInfo], tensor: int, pipeline: int, r
         split = default_split(args, table, pipeline)
     start, end = stage_layers(split, stage)
     keep_embed = stage == pipeline - 1 or args.tie_word_embeddings
-    tensors, total, rep, shard = {}, 0, 0, 0
+    tensors, total, rep, shard, routed = {}, 0, 0, 0, 0
     for name, info in table.items():
         i = layer_of(name)
         if i is not None:
@@ -65,11 +67,12 @@ def rank_usage(args, table: Dict[str, TensorInfo], tensor: int, pipeline: int, r
         b = int(np.prod(shape, dtype=np.int64)) * info.itemsize if shape else info.itemsize
         tensors[name] = shape
         total += b
+        routed += b if EXPERTS in name else 0
         if rule is None:
             rep += b
         else:
             shard += b
-    return RankUsage(rank, stage, t_rank, (start, end), tensors, total, rep, shard, keep_embed)
+    return RankUsage(rank, stage, t_rank, (start, end), tensors, total, rep, shard, keep_embed, routed)
 
 
 def _row_bytes(dim: int, bits: Optional[int], group_size: int, dtype_bytes: int) -> int:

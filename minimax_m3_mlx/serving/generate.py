@@ -348,7 +348,9 @@ def print_stats(gen: Generation, stream=None, model=None) -> None:
     experts = getattr(model, "expert_streamer", None) if model is not None else None
     if experts is not None:  # --expert-memory
         s = experts.stats
-        print(f"Experts: {experts.n_slots} slots per layer, {s.hit_rate:.1%} hits, {s.misses} read "
+        stats = getattr(model, "load_stats", None)
+        rank = f" on rank {stats.rank}" if stats is not None else ""  # under mlx.launch: its own figures
+        print(f"Experts: {experts.n_slots} slots per layer{rank}, {s.hit_rate:.1%} hits, {s.misses} read "
               f"({s.bytes_read / 1e9:.3f} GB)", file=stream)
 
 

@@ -103,7 +103,7 @@ class MiniMaxModelProvider(ModelProvider):
         super().__init__(cli_args)
         self.prompt_cache = prompt_cache  # sessions.make_prompt_cache: bound to each model loaded
         path = resolve_path(cli_args.model)  # a wrong path fails here, not in the generation thread
-        check_folder(path, cli_args.expert_memory)
+        check_folder(path, cli_args.expert_memory, group=mx.distributed.init(), mode=cli_args.parallel)
         self.served = ServedModels(cli_args.model, cli_args.served_model_name)
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
