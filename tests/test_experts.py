@@ -272,6 +272,36 @@ def test_generate_refuses_a_bad_expert_memory_in_one_line(folders, capsys, value
     assert "minimax-m3 generate: error:" in errors[0] and expect in errors[0], err
 
 
+def test_server_streams_experts_and_says_so(folders, caplog):
+    """`server --expert-memory`: the reply is the resident model's, the start says how many
+    experts stay in memory, and each request's line carries the hit rate so far."""
+    import logging
+
+    import openai
+
+    from minimax_m3_mlx import load
+    from minimax_m3_mlx.serving.generate import chat_prompt, generate
+    from minimax_m3_mlx.serving.server import Server, setup_arg_parser
+
+    folder = folders["float32"]
+    messages = [{"role": "user", "content": "Say something about experts and disks."}]
+    model, tok = load(str(folder))
+    want = generate(model, tok, chat_prompt(tok, messages, thinking="disabled"), max_tokens=8)
+    args = ["--model", str(folder), "--port", "0", "--max-tokens", "8", "--thinking", "disabled",
+            "--expert-memory", str(3 * slot_bytes(folder))]
+    with caplog.at_level(logging.INFO):
+        srv = Server(setup_arg_parser().parse_args(args)).start()
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="none", max_retries=0)
+            got = client.chat.completions.create(model="default_model", messages=messages, temperature=0)
+        finally:
+            srv.shutdown()
+    assert got.choices[0].message.content == want.text and want.text
+    assert f"experts: 3 of {EXPERTS_PER_LAYER} per layer in memory" in caplog.text
+    line = next(x for x in caplog.text.splitlines() if "request:" in x)
+    assert re.search(r"experts so far \d+\.\d% hits, [\d.]+ (MB|GB|bytes) read", line), line
+
+
 def test_server_refuses_a_small_budget_before_listening(folders):
     import subprocess
     import sys

@@ -13,6 +13,7 @@ import time
 from typing import Optional
 
 from ..arg_types import non_negative_int, size
+from ..model.experts import gigabytes
 from .http_errors import RequestError
 from .memory import default_prompt_cache_bytes, memory_shortfall
 from .prompt_cache import DEFAULT_DISK_BYTES, TieredPromptCache
@@ -49,6 +50,22 @@ def attach(cache: TieredPromptCache, model, path, args, group=None) -> None:
     disk = (f"; on disk in {cache.directory} up to {cache.disk_bytes / 1e9:.1f} GB"
             if cache.directory is not None else "")
     logging.info(f"prompt cache: up to {cache.max_bytes / 1e9:.2f} GB in memory{disk}")
+    streamer = getattr(model, "expert_streamer", None)
+    if streamer is not None:  # --expert-memory
+        layer = streamer.layers[0]
+        pools = sum(lay.n_slots * lay.expert_nbytes for lay in streamer.layers)
+        how = "straight into the pools" if hasattr(layer, "views") else "through buffers"
+        logging.info(f"experts: {streamer.n_slots} of {layer.slot_of.size} per layer in memory "
+                     f"({gigabytes(pools)}), the others read from the files {how} as the router picks them")
+
+
+def expert_counts(model) -> str:
+    """The streamed experts' hit rate and bytes read since loading (all requests together)."""
+    streamer = getattr(model, "expert_streamer", None)
+    if streamer is None:
+        return ""
+    s = streamer.stats
+    return f"; experts so far {s.hit_rate:.1%} hits, {gigabytes(s.bytes_read)} read"
 
 
 class SessionHandling:
@@ -100,4 +117,4 @@ class SessionHandling:
                 if source is not None and source.disk else "")
         logging.info(f"request: {len(prompt)} prompt tokens ({memory} from memory, {disk} from disk{read}, "
                      f"{computed} computed), prefill {prefill} tok/s; {self._n_tokens} tokens at {decode} tok/s; "
-                     f"finish {finish_reason}")
+                     f"finish {finish_reason}{expert_counts(self.response_generator.model_provider.model)}")
