@@ -401,19 +401,29 @@ def test_generate_from_community_folders(sources, made, tmp_path, capsys):
     assert prompt_tokens[1] > prompt_tokens[0]  # the image's placeholder tokens
 
 
-def test_mlx_lm_folder_streams_its_experts(sources, made, tokens):
-    """--expert-memory on a folder mlx-lm's converter wrote (its experts stacked as ours, under
-    `block_sparse_moe.switch_mlp`): a pool of a few experts gives the resident logits. An
-    mlx-vlm folder (gate and up fused with the shared expert) is refused in one line."""
+@pytest.mark.parametrize("converter", ["mlx-lm", "mlx-vlm"])
+def test_community_folder_streams_its_experts(sources, made, tokens, converter):
+    """--expert-memory on a folder mlx-lm's converter wrote (experts stacked as ours, under
+    `block_sparse_moe.switch_mlp`: here of two bit widths) or mlx-vlm's (gate and up fused,
+    the shared expert packed in as one more expert): a pool of a few experts gives the
+    resident logits. A fused folder is refused under tensor parallelism, in one line."""
     from minimax_m3_mlx.io.reader import locate
-    from minimax_m3_mlx.model.experts import ExpertMemoryError
+    from minimax_m3_mlx.loading.streamed import stored_tensors
+    from minimax_m3_mlx.model.experts import ExpertMemoryError, layer_parts, layer_tensors
 
-    path = mlx_lm_folder(made, sources, "mixed_3_6")  # experts of two bit widths
+    path = (mlx_lm_folder(made, sources, "mixed_3_6") if converter == "mlx-lm"
+            else mlx_vlm_folder(made, sources, "q4"))
     want = np.array(load_model(path)[0](mx.array(tokens)))
-    layer_bytes = sum(t.row_nbytes for k, t in locate(path).items() if ".switch_mlp." in k)
-    model, _ = load_model(path, expert_memory=3 * layer_bytes)
+    model, _ = load_model(path, expert_memory=10**9)
+    layer = model.expert_streamer.layers[0]
+    slot = sum(lay.expert_nbytes for lay in model.expert_streamer.layers)  # one expert in every layer
+    model, _ = load_model(path, expert_memory=3 * slot)
     got = np.array(model(mx.array(tokens)))
     assert model.expert_streamer.n_slots == 3 and model.expert_streamer.stats.misses > 0
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
-    with pytest.raises(ExpertMemoryError, match="mlx-vlm's converter"):
-        load_model(mlx_vlm_folder(made, sources, "q4"), expert_memory=10**9)
+    fused = any("gate_up_proj" in k for k in locate(path))
+    assert fused == (converter == "mlx-vlm")
+    if fused:
+        moe = next(i for i, lay in enumerate(model.layers) if lay.is_moe)
+        with pytest.raises(ExpertMemoryError, match="does not run tensor parallel on a folder whose gate and up"):
+            layer_parts(layer_tensors(stored_tensors(path), moe), 2, 0)

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from ..io.reader import StoredTensor, locate
 from ..model import Model
 from ..config import ModelArgs
-from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_tensors, rank_parts, slots_for
+from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_parts, layer_tensors, slots_for
 from ..parallel.sizing import RankUsage, cache_bytes
 from ..weights.sanitize import rename
 
@@ -81,7 +81,7 @@ def check_expert_memory(path: Path, args: ModelArgs, expert_memory: Union[int, s
     stored = stored_tensors(path)
     resident = sum(t.nbytes for k, t in stored.items() if EXPERTS not in k)
     layers = [layer_tensors(stored, i) for i in range(args.num_hidden_layers) if args.is_moe(i)]
-    slots_for(settle(args, expert_memory, resident), layers, args.num_experts_per_tok)
+    slots_for(settle(args, expert_memory, resident), layers, args.num_experts_per_tok, layer_parts(layers[0], 1, 0))
 
 
 def stream_experts(model: Model, path: Path, weights: Dict[str, mx.array],
@@ -100,7 +100,7 @@ def rank_budget(args: ModelArgs, stored, usage: RankUsage, tensor: int,
     from the headers against the slots it must hold.
 
     Its budget is its own: `auto` counts its own other weights (and the KV cache of its
-    layers and heads), and a slot holds its part of an expert (`rank_parts`), so the
+    layers and heads), and a slot holds its part of an expert (`layer_parts`), so the
     minimum is its own. Ranks may end up with different slot counts: every rank routes
     every token alike (the router is whole on each), so each computes its share exactly
     whatever it holds; a slot count shared by all would waste a larger Mac's memory.
@@ -115,7 +115,7 @@ def rank_budget(args: ModelArgs, stored, usage: RankUsage, tensor: int,
             budget = auto_expert_memory(args, resident, tensor=tensor, layers=usage.layers)
         else:
             budget = settle(args, expert_memory, resident)
-        slots_for(budget, layers, args.num_experts_per_tok, rank_parts(layers[0], tensor, usage.tensor_rank))
+        slots_for(budget, layers, args.num_experts_per_tok, layer_parts(layers[0], tensor, usage.tensor_rank))
     except ExpertMemoryError as e:
         raise ExpertMemoryError(f"rank {usage.rank}: {e}") from None
     return budget

@@ -152,7 +152,7 @@ class LayerExperts:
         self.parts = parts or {}
         self.router = router
         self.n_slots = n_slots
-        n_experts = next(iter(tensors.values())).shape[0]
+        n_experts = max(t.shape[0] for t in tensors.values())  # mlx-vlm's down_proj: one more, the shared expert
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(n_slots, -1, np.int64)
         self.used_at = np.full(n_slots, -1, np.int64)  # empty slots (-1) are taken first
@@ -439,19 +439,43 @@ class DirectLayerExperts(LayerExperts):
                 del self.staged[e]
                 self._settle(read, read.succeeded())
 def layer_tensors(tensors: Dict[str, StoredTensor], layer: int) -> Dict[str, StoredTensor]:
-    """The stored switch_mlp tensors of decoder layer `layer`, by their names inside the SwitchGLU."""
+    """The stored switch_mlp tensors of decoder layer `layer`, by their names inside the SwitchGLU.
+
+    mlx-vlm's converter stores gate and up as one `gate_up_proj` [E(+1), 2I, ...] (gate's
+    rows first, the shared expert packed in as expert E): both names then point at it, and
+    `fused_parts` says which rows of each expert's row are which."""
     prefix = f"language_model.model.layers.{layer}{EXPERTS}"
     out = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-    if any(k.startswith("gate_up_proj.") for k in out):
-        raise ExpertMemoryError(
-            "--expert-memory reads experts stacked per projection; this folder (mlx-vlm's converter) fuses "
-            "gate and up with the shared expert: convert the original checkpoint with `minimax-m3 convert`")
+    for k in [k for k in out if k.startswith("gate_up_proj.")]:
+        fused = out.pop(k)
+        kind = k.split(".", 1)[1]
+        out[f"gate_proj.{kind}"] = out[f"up_proj.{kind}"] = fused
     if not out:
         raise ExpertMemoryError(
-            f"--expert-memory needs the experts stacked per layer as `minimax-m3 convert` (or mlx-lm's "
-            f"converter) writes them; "
-            f"this folder has no {prefix}* tensors")
+            f"--expert-memory needs the experts stacked per layer as `minimax-m3 convert` (or mlx-lm's or "
+            f"mlx-vlm's converter) writes them; this folder has no {prefix}* tensors")
     return out
+
+
+def fused_parts(tensors: Dict[str, StoredTensor]) -> Dict[str, RowSlice]:
+    """For a layer whose gate and up share one stored tensor (`layer_tensors`): gate's half
+    of each expert's rows and up's, each one contiguous range of the row."""
+    out = {}
+    for k, t in tensors.items():
+        if ".gate_up_proj." in t.name:
+            half = t.shape[1] // 2
+            out[k] = RowSlice(0, 0, half) if k.startswith("gate_proj.") else RowSlice(0, half, 2 * half)
+    return out
+
+
+def layer_parts(tensors: Dict[str, StoredTensor], n: int, rank: int) -> Dict[str, RowSlice]:
+    """The part of each expert's stored row that a process holds: rank `rank` of `n` under
+    tensor parallelism (`rank_parts`), or gate's and up's halves of a fused tensor."""
+    fused = fused_parts(tensors)
+    if fused and n > 1:
+        raise ExpertMemoryError("--expert-memory does not run tensor parallel on a folder whose gate and up "
+                                "are fused (mlx-vlm's converter); use pipeline, or `minimax-m3 convert`")
+    return fused or rank_parts(tensors, n, rank)
 
 
 def gigabytes(n: int) -> str:
@@ -480,10 +504,10 @@ def slots_for(expert_memory: int, layers: List[Dict[str, StoredTensor]], top_k: 
               parts: Optional[Dict[str, RowSlice]] = None) -> int:
     """Slots per layer that `expert_memory` bytes buy (at most every expert); a budget below
     one token's top-k experts in every layer is refused, naming the minimum. `parts`
-    (`rank_parts`): a tensor-parallel rank's slots hold only its part of each expert."""
+    (`layer_parts`): the slots hold only that part of each expert."""
     parts = parts or {}
     per_slot = sum(sum(part_nbytes(t, parts.get(k)) for k, t in ts.items()) for ts in layers)  # one slot per layer
-    n_experts = next(iter(layers[0].values())).shape[0]
+    n_experts = min(t.shape[0] for t in layers[0].values())  # the routed ones
     least = top_k * per_slot
     if expert_memory < least:
         raise ExpertMemoryError(

@@ -264,7 +264,7 @@ class Model(nn.Module):
             raise experts.ExpertMemoryError("--expert-memory: this model has no routed experts")
         stored = [experts.layer_tensors(tensors, i) for i, _ in moe]
         group = self.tensor_group
-        parts = experts.rank_parts(stored[0], group.size(), group.rank()) if group is not None else None
+        parts = experts.layer_parts(stored[0], *((group.size(), group.rank()) if group is not None else (1, 0)))
         n_slots = experts.slots_for(expert_memory, stored, self.args.num_experts_per_tok, parts)
         streamer = experts.ExpertStreamer(prefetch=prefetch)
         streamer.read_ahead = experts.read_ahead_bytes(n_slots, stored, self.args.num_experts_per_tok)
