@@ -424,6 +424,15 @@ def test_community_folder_streams_its_experts(sources, made, tokens, converter):
     fused = any("gate_up_proj" in k for k in locate(path))
     assert fused == (converter == "mlx-vlm")
     if fused:
+        from minimax_m3_mlx.loading.sharded import check_experts
+
         moe = next(i for i, lay in enumerate(model.layers) if lay.is_moe)
         with pytest.raises(ExpertMemoryError, match="does not run tensor parallel on a folder whose gate and up"):
             layer_parts(layer_tensors(stored_tensors(path), moe), 2, 0)
+
+        class TwoRanks:  # an mx.distributed group's shape, for the check each rank makes from the headers
+            size, rank = (lambda self: 2), (lambda self: 0)
+
+        # Pipeline (tensor mode is refused above): the shared expert is inside the tensors the ranks would skip.
+        with pytest.raises(ExpertMemoryError, match="runs on one Mac for a folder whose gate and up are fused"):
+            check_experts(path, TwoRanks(), mode="pipeline", expert_memory=10**9)

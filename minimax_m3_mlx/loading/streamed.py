@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten
 from ..io.reader import StoredTensor, locate
 from ..model import Model
 from ..config import ModelArgs
-from ..model.experts import EXPERTS, ExpertMemoryError, gigabytes, layer_parts, layer_tensors, slots_for
+from ..model.experts import (EXPERTS, ExpertMemoryError, fused_parts, gigabytes, layer_parts, layer_tensors,
+                              slots_for)
 from ..parallel.sizing import RankUsage, cache_bytes
 from ..weights.sanitize import rename
 
@@ -109,6 +110,9 @@ def rank_budget(args: ModelArgs, stored, usage: RankUsage, tensor: int,
     layers = [layer_tensors(stored, i) for i in range(start, end) if args.is_moe(i)]
     if not layers:
         return None
+    if fused_parts(layers[0]):  # the shared expert lives inside the fused tensors the ranks would skip
+        raise ExpertMemoryError("--expert-memory runs on one Mac for a folder whose gate and up are fused "
+                                "(mlx-vlm's converter); under mlx.launch, convert it with `minimax-m3 convert`")
     resident = usage.weight_bytes - usage.expert_bytes
     try:
         if expert_memory == AUTO:

@@ -474,7 +474,7 @@ def layer_parts(tensors: Dict[str, StoredTensor], n: int, rank: int) -> Dict[str
     fused = fused_parts(tensors)
     if fused and n > 1:
         raise ExpertMemoryError("--expert-memory does not run tensor parallel on a folder whose gate and up "
-                                "are fused (mlx-vlm's converter); use pipeline, or `minimax-m3 convert`")
+                                "are fused (mlx-vlm's converter); convert it with `minimax-m3 convert`")
     return fused or rank_parts(tensors, n, rank)
 
 
