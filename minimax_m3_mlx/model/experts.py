@@ -25,6 +25,7 @@ on the direct path, the least recently used slot; never a wrong weight).
 from __future__ import annotations
 
 import ctypes
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Tuple
@@ -132,7 +133,7 @@ def runs(experts: np.ndarray) -> List[Tuple[int, int]]:
 IN_FLUX = -2  # expert_in's mark for a slot a read is writing into: never handed out
 
 
-class LayerExperts:
+class LayerExperts(ABC):
     """One MoE layer's slot table and its routed experts over the pool.
 
     `tensors` maps the switch_mlp's parameter names ("gate_proj.weight", ...) to the stored
@@ -189,14 +190,17 @@ class LayerExperts:
         """`y`, lazily computed from the pool (the copy path's updates leave it its own buffers)."""
         return y
 
-    def stage(self, experts: np.ndarray, protect: Optional[np.ndarray] = None) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stage(self, experts: np.ndarray, protect: Optional[np.ndarray] = None):
+        """Start reading the experts that are neither resident nor on their way."""
 
+    @abstractmethod
     def ensure(self, mlp, needed: np.ndarray, ahead: Optional[np.ndarray] = None) -> None:
-        raise NotImplementedError
+        """Make `needed` (unique, at most n_slots) resident, starting `ahead`'s reads meanwhile."""
 
+    @abstractmethod
     def drop_staged(self) -> None:
-        raise NotImplementedError
+        """End the step's reads that nobody asked for."""
 
     def _count(self, needed: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(hits, misses) of a round, counted, the hits marked as just used."""
