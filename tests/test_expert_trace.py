@@ -19,6 +19,7 @@ import pytest
 
 from minimax_m3_mlx import load_model, synthetic
 from minimax_m3_mlx.convert import run as conv
+from test_experts import _generate
 from minimax_m3_mlx.io.reader import locate
 from minimax_m3_mlx.model.expert_trace import ExpertTrace, LoadedTrace, load_trace
 from minimax_m3_mlx.model.experts import EXPERTS, POLICIES, POLICY
@@ -196,18 +197,6 @@ def test_plan_refuses_a_bad_curve_in_one_line(capsys, tmp_path, content, expect)
     assert cli.main(["plan", "--hosts", "1x128", "--hit-curve", str(f)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minimax-m3 plan: error: --hit-curve") and expect in err[0], err
-
-
-def _generate(capsys, folder, *extra):
-    from minimax_m3_mlx import cli
-
-    argv = ["generate", "--model", str(folder), "--prompt", "hello there", "-m", "9", "--thinking", "disabled", *extra]
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse's refusals
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_generate_saves_the_trace_of_its_run(folder, capsys, tmp_path):
